@@ -1,0 +1,160 @@
+"""The config schema: every key a run understands, its default, and validation.
+
+Config files in `configs/` start from `base_config()` and change values; they cannot add keys.
+`validate(config)` checks the keys against this schema and the values' ranges, and raises a
+`ConfigError` that names the offending key (unknown keys get the closest valid names suggested).
+Checks that need the data (e.g. `annotation_num` ≤ number of classes) happen in `train.py`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+
+import ml_collections
+from ml_collections import config_dict
+
+from fednml_jax.errors import ConfigError
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = "fedavg"
+  c.task = "multilabel"
+  c.seed = 0
+  c.rounds = 100
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "embedded"  # embedded | npz | mured | rfmid | brset
+  c.data.path = ""  # file (npz) or folder (mured/rfmid/brset)
+  c.data.image_size = 256  # resize target of the CSV + image-folder sources
+  c.data.cache_dir = ""  # where prepared caches go; default: inside data.path
+  c.data.min_positives = 20  # classes with fewer training positives are dropped (paper)
+  c.data.val_fraction = 0.1  # carved from train when a source has no validation split
+  c.data.embedded_train = 1200
+  c.data.embedded_val = 300
+  c.data.embedded_test = 600
+
+  c.labels = ml_collections.ConfigDict()
+  c.labels.noise_rate = 0.0  # fraction of each client's samples whose labels are corrupted
+  c.labels.annotation_num = config_dict.placeholder(int)  # classes each client annotates; None = all
+  c.labels.partition = "iid"  # iid | dirichlet
+  c.labels.dirichlet_alpha = 1.0
+
+  c.fl = ml_collections.ConfigDict()
+  c.fl.num_clients = 4
+  c.fl.local_epochs = 3
+  c.fl.batch_size = 32
+  c.fl.strategy = "auto"  # auto | vmap | shard | loop
+  c.fl.client_weighting = "sample_count"  # sample_count | uniform (aggregation weights)
+  c.fl.scan_unroll = 0  # local steps unrolled in the scan; 0 = auto (all on CPU, 1 elsewhere)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.weight_decay = 1e-4  # AdamW, re-initialised every round as in the reference
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "resnet18"  # small_cnn | resnet18 | resnet50
+  c.model.norm = "batch"  # batch | group
+  c.model.width = 32  # small_cnn only
+  c.model.dtype = "float32"  # float32 | bfloat16 (compute dtype; parameters stay float32)
+  c.model.pretrained = ""  # local weights file (flax msgpack or npz); nothing is downloaded
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.rotation_degrees = 10.0
+  c.augment.translate = 0.02
+  c.augment.hflip = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 1  # evaluate val and test every this many rounds (and at the last round)
+  c.eval.batch_size = 256
+  c.eval.select_on = "val"  # val | test ("test" reproduces the reference's best-on-test; not honest)
+
+  c.log_every = 1  # progress line every this many rounds
+
+  # Each method's own constants live under config.<method name>, defined in its module.
+  from fednml_jax.methods import method_config_defaults
+  for name, defaults in method_config_defaults().items():
+    c[name] = defaults
+  return c
+
+
+VALID_CHOICES = {
+    "task": ("multilabel",),
+    "data.source": ("embedded", "npz", "mured", "rfmid", "brset"),
+    "labels.partition": ("iid", "dirichlet"),
+    "fl.strategy": ("auto", "vmap", "shard", "loop"),
+    "fl.client_weighting": ("sample_count", "uniform"),
+    "model.name": ("small_cnn", "resnet18", "resnet50"),
+    "model.norm": ("batch", "group"),
+    "model.dtype": ("float32", "bfloat16"),
+    "eval.select_on": ("val", "test"),
+}
+
+
+def _flatten(cfg, prefix=""):
+  out = {}
+  for key, value in cfg.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update(_flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def flatten(cfg) -> dict:
+  """{'fl.num_clients': 4, ...}: the config as dotted keys."""
+  return _flatten(cfg)
+
+
+def validate(cfg) -> None:
+  """Raises ConfigError for unknown keys, unknown choices and out-of-range values."""
+  from fednml_jax.methods import METHODS
+  schema = flatten(base_config())
+  given = flatten(cfg)
+  unknown = sorted(set(given) - set(schema))
+  if unknown:
+    hints = []
+    for key in unknown:
+      close = difflib.get_close_matches(key, schema, n=1)
+      hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ConfigError(f"Unknown config key(s): {', '.join(hints)}. Valid keys are listed in "
+                      "fednml_jax/config.py and in each method's module.")
+  if cfg.method not in METHODS:
+    raise ConfigError(f"Unknown method {cfg.method!r}; --config.method must be one of "
+                      f"{sorted(METHODS)}.")
+  for key, choices in VALID_CHOICES.items():
+    if given.get(key) not in choices:
+      raise ConfigError(f"config.{key} = {given.get(key)!r} is not one of {list(choices)}.")
+  checks = [
+      ("rounds", cfg.rounds >= 1, "at least 1"),
+      ("labels.noise_rate", 0.0 <= cfg.labels.noise_rate < 1.0, "in [0, 1)"),
+      ("labels.dirichlet_alpha", cfg.labels.dirichlet_alpha > 0, "positive"),
+      ("fl.num_clients", cfg.fl.num_clients >= 1, "at least 1"),
+      ("fl.local_epochs", cfg.fl.local_epochs >= 1, "at least 1"),
+      ("fl.batch_size", cfg.fl.batch_size >= 1, "at least 1"),
+      ("fl.scan_unroll", cfg.fl.scan_unroll >= 0, "0 (auto) or a positive number of steps"),
+      ("optim.lr", cfg.optim.lr > 0, "positive"),
+      ("optim.weight_decay", cfg.optim.weight_decay >= 0, "non-negative"),
+      ("data.min_positives", cfg.data.min_positives >= 0, "non-negative"),
+      ("data.val_fraction", 0.0 < cfg.data.val_fraction < 1.0, "in (0, 1)"),
+      ("data.image_size", cfg.data.image_size >= 8, "at least 8"),
+      ("eval.every", cfg.eval.every >= 1, "at least 1"),
+      ("eval.batch_size", cfg.eval.batch_size >= 1, "at least 1"),
+      ("log_every", cfg.log_every >= 1, "at least 1"),
+  ]
+  for key, ok, what in checks:
+    if not ok:
+      raise ConfigError(f"config.{key} = {given[key]!r} must be {what}.")
+  annotation_num = cfg.labels.annotation_num
+  if annotation_num is not None and annotation_num < 1:
+    raise ConfigError(f"config.labels.annotation_num = {annotation_num} must be at least 1 (or "
+                      "None for all classes).")
+  if cfg.data.source in ("npz", "mured", "rfmid", "brset") and not cfg.data.path:
+    raise ConfigError(f"config.data.source = {cfg.data.source!r} needs config.data.path (the "
+                      "file or folder holding the data).")
+
+
+def to_json(cfg) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)

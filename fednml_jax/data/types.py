@@ -1,0 +1,91 @@
+"""The in-memory form every data source returns.
+
+Images are uint8, channel-last `(N, H, W, C)` with `C` in {1, 3}; labels are multi-hot uint8
+`(N, num_classes)` with values in {0, 1}. Sources differ only in where the pixels come from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from fednml_jax.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split of a dataset: images, multi-hot labels and optional per-image ids."""
+
+  images: np.ndarray  # uint8 (N, H, W, C)
+  labels: np.ndarray  # uint8 (N, num_classes), values in {0, 1}
+  ids: np.ndarray | None = None  # (N,) image ids (str or int) for traceability
+
+  def __len__(self) -> int:
+    return int(self.labels.shape[0])
+
+  def take(self, index: np.ndarray) -> "Split":
+    """The rows `index` (a boolean mask or integer indices) of this split."""
+    return Split(self.images[index], self.labels[index],
+                 None if self.ids is None else self.ids[index])
+
+  def with_classes(self, keep: np.ndarray) -> "Split":
+    """This split restricted to the label columns `keep`."""
+    return Split(self.images, self.labels[:, keep], self.ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A labelled image dataset with train, validation and test splits."""
+
+  name: str
+  train: Split
+  val: Split
+  test: Split
+  class_names: tuple[str, ...]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+  def splits(self) -> dict[str, Split]:
+    return {"train": self.train, "val": self.val, "test": self.test}
+
+
+def as_image_array(images: np.ndarray, where: str) -> np.ndarray:
+  """Checks and normalises images to uint8 (N, H, W, C) with C in {1, 3}."""
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise DataError(
+        f"{where}: images must be grey (N, H, W) or colour (N, H, W, 3) arrays, got shape "
+        f"{images.shape}.")
+  if images.dtype != np.uint8:
+    if not np.issubdtype(images.dtype, np.number) or images.min() < 0 or images.max() > 255:
+      raise DataError(f"{where}: images must be uint8 pixels in 0..255, got dtype {images.dtype}.")
+    images = images.astype(np.uint8)
+  return images
+
+
+def as_label_array(labels: np.ndarray, num_images: int, where: str) -> np.ndarray:
+  """Checks that labels are a (N, C) array of 0/1 values and returns them as uint8."""
+  labels = np.asarray(labels)
+  if labels.ndim == 1:
+    labels = labels[:, None]
+  if labels.ndim != 2:
+    raise DataError(f"{where}: labels must be a (N, num_classes) multi-hot array, got shape "
+                    f"{labels.shape}.")
+  if labels.shape[0] != num_images:
+    raise DataError(f"{where}: {labels.shape[0]} label rows for {num_images} images; the two must "
+                    "have the same length.")
+  if not np.issubdtype(labels.dtype, np.number) or not np.isin(labels, (0, 1)).all():
+    bad = np.unique(labels[~np.isin(labels, (0, 1))])[:5] if np.issubdtype(
+        labels.dtype, np.number) else labels.dtype
+    raise DataError(f"{where}: labels must be 0 or 1, found {bad}. Multi-label datasets need one "
+                    "0/1 column per class.")
+  return labels.astype(np.uint8)

@@ -1,0 +1,58 @@
+"""Forward passes of the global model over whole device-resident image sets, in fixed-size chunks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fednml_jax.engine import augment
+
+
+def pad_to_multiple(images: np.ndarray, chunk: int) -> np.ndarray:
+  """Pads the leading axis with zero images up to a multiple of `chunk` (one compiled shape)."""
+  pad = (-len(images)) % chunk
+  if pad:
+    images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+  return images
+
+
+def make_predict(model, task, image_mean, image_std, chunk: int):
+  """`predict(variables, images_uint8) -> probabilities` in eval mode, `chunk` images at a time.
+
+  `images_uint8` must have a length that is a multiple of `chunk` (see `pad_to_multiple`).
+  """
+
+  @jax.jit
+  def predict(variables, images):
+    chunks = images.reshape((-1, chunk) + images.shape[1:])
+
+    def one(raw):
+      x = augment.normalise(raw, image_mean, image_std)
+      return task.probabilities(model.apply(variables, x, train=False))
+
+    probs = jax.lax.map(one, chunks)
+    return probs.reshape((-1,) + probs.shape[2:])
+
+  return predict
+
+
+def make_predict_clients(model, task, image_mean, image_std, augment_cfg):
+  """`predict(variables, images, sample_index, key) -> (K, n_max, C)` probabilities on every
+  client's training samples, under the weak view (as the reference's refinement pass does), in one
+  jitted call; the host pulls the result once."""
+
+  @jax.jit
+  def predict(variables, images, sample_index, key):
+    keys = jax.random.split(key, sample_index.shape[0])
+
+    def one_client(idx, k):
+      x = images[idx].astype(jnp.float32) / 255.0
+      x = augment.weak_augment(k, x, augment_cfg.rotation_degrees, augment_cfg.translate,
+                               augment_cfg.hflip)
+      x = (x - image_mean) / image_std
+      return task.probabilities(model.apply(variables, x, train=False))
+
+    return jax.lax.map(lambda a: one_client(*a), (sample_index, keys))
+
+  return predict

@@ -1,0 +1,96 @@
+"""Client-parallel strategies: how one round's client updates are laid out on the hardware.
+
+- `vmap`: every client in one program on one device (client axis vmapped). On GPU this is one large
+  batched program; on CPU, XLA turns vmapped per-client convolutions into grouped convolutions, which
+  are slow there.
+- `shard`: the vmapped program with the client axis split over a `jax.sharding` mesh of all local
+  devices (clients are padded to a multiple of the device count; padding clients weigh 0).
+- `loop`: a Python loop over clients calling one jitted single-client program (compiled once).
+
+All three compute the same function: tests check that they agree. `auto` picks `loop` on CPU and
+`shard` elsewhere (`vmap` when there is a single device); see docs/performance.md for measurements.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+STRATEGIES = ("auto", "vmap", "shard", "loop")
+
+
+def resolve_strategy(name: str) -> str:
+  if name != "auto":
+    return name
+  if jax.default_backend() == "cpu":
+    return "loop"
+  return "shard" if jax.device_count() > 1 else "vmap"
+
+
+def client_mesh() -> Mesh:
+  return Mesh(np.array(jax.devices()), ("clients",))
+
+
+def client_keys(round_key, num_clients: int):
+  return jax.vmap(lambda k: jax.random.fold_in(round_key, k))(jnp.arange(num_clients))
+
+
+class RoundProgram:
+  """Runs all clients' local training for one round and aggregates, for one method phase.
+
+  `__call__(global_vars, images, clients, scalars, round_key) -> (new_global_vars, client_losses,
+  client_vars)`; `client_vars` are the stacked local models (methods that inspect them use them).
+  """
+
+  def __init__(self, strategy: str, client_update, aggregate):
+    self.strategy = strategy
+    self.traces = 0  # how many times a program was traced: must stay constant across rounds
+
+    def counted(fn):
+      def wrapper(*args):
+        self.traces += 1
+        return fn(*args)
+      return wrapper
+
+    def train_all(global_vars, images, clients, scalars, round_key):
+      keys = client_keys(round_key, clients["count"].shape[0])
+      return jax.vmap(client_update, in_axes=(None, None, 0, None, 0))(
+          global_vars, images, clients, scalars, keys)
+
+    def train_and_aggregate(global_vars, images, clients, scalars, round_key):
+      client_vars, losses = train_all(global_vars, images, clients, scalars, round_key)
+      return aggregate(client_vars, clients, global_vars), losses, client_vars
+
+    if strategy in ("vmap", "shard"):
+      self._round = jax.jit(counted(train_and_aggregate))
+    elif strategy == "loop":
+      self._client = jax.jit(counted(client_update))
+      self._aggregate = jax.jit(counted(aggregate))
+    else:
+      raise ValueError(f"unknown strategy {strategy!r}")
+
+  def __call__(self, global_vars, images, clients, scalars, round_key):
+    if self.strategy in ("vmap", "shard"):
+      return self._round(global_vars, images, clients, scalars, round_key)
+    num_clients = int(clients["count"].shape[0])
+    keys = client_keys(round_key, num_clients)
+    outputs = [self._client(global_vars, images, jax.tree.map(lambda a: a[k], clients), scalars,
+                            keys[k]) for k in range(num_clients)]
+    client_vars = jax.tree.map(lambda *xs: jnp.stack(xs), *[o[0] for o in outputs])
+    losses = jnp.stack([o[1] for o in outputs])
+    return self._aggregate(client_vars, clients, global_vars), losses, client_vars
+
+
+def place_clients(strategy: str, clients):
+  """Puts stacked client arrays on the device(s): split over the mesh for `shard`."""
+  if strategy == "shard":
+    sharding = NamedSharding(client_mesh(), PartitionSpec("clients"))
+    return jax.device_put(clients, sharding)
+  return jax.device_put(clients)
+
+
+def client_padding(strategy: str) -> int:
+  """Clients are padded to a multiple of this number."""
+  return jax.device_count() if strategy == "shard" else 1

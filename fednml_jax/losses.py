@@ -1,0 +1,30 @@
+"""Loss functions: pure, per-sample, jit-friendly.
+
+Every loss returns one value per sample (shape `(B,)`); the engine takes the weighted mean over the
+batch with the padding mask, so padded samples weigh 0 and a partial batch is averaged over its real
+samples, as PyTorch's DataLoader without `drop_last` does.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+
+def masked_bce_with_logits(logits, targets, class_mask):
+  """Mean over the classes where `class_mask` is 1 of BCE-with-logits; shape (B,).
+
+  `class_mask` is (C,) or (B, C). With an all-ones mask this is PyTorch's `BCEWithLogitsLoss`
+  averaged over classes; with a client's annotated classes it is the reference's
+  `criterion_(outputs, labels)[:, active_class_list].mean()` (the batch mean is the engine's).
+  """
+  per_entry = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32),
+                                                 targets.astype(jnp.float32))
+  mask = jnp.broadcast_to(class_mask, per_entry.shape).astype(jnp.float32)
+  return jnp.sum(per_entry * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
+def weighted_batch_mean(per_sample, weight):
+  """Σ w_i·ℓ_i / Σ w_i, and 0 for a batch whose weights are all 0 (an all-padding batch)."""
+  weight = weight.astype(jnp.float32)
+  return jnp.sum(per_sample * weight) / jnp.maximum(jnp.sum(weight), 1.0)

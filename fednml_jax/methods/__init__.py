@@ -1,0 +1,19 @@
+"""Federated methods. Each is one module; `METHODS` maps `config.method` names to classes."""
+
+from fednml_jax.methods.base import FederatedSetup, Method, RoundContext
+from fednml_jax.methods.fedavg import FedAvg
+
+METHODS = {cls.name: cls for cls in (FedAvg,)}
+
+
+def method_config_defaults() -> dict:
+  """{method name: its ConfigDict of constants} for the methods that have constants."""
+  out = {}
+  for name, cls in METHODS.items():
+    defaults = cls.config_defaults()
+    if defaults is not None:
+      out[name] = defaults
+  return out
+
+
+__all__ = ["METHODS", "FederatedSetup", "Method", "RoundContext", "method_config_defaults"]

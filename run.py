@@ -1,0 +1,43 @@
+r"""Runs one federated experiment.
+
+  python run.py --config=configs/demo.py --workdir=/tmp/demo
+  python run.py --config=configs/rfmid64.py --workdir=runs/rfmid --config.method=fedavg \
+      --config.labels.noise_rate=0.4 --config.seed=1
+
+Any config value can be overridden with --config.KEY=VALUE (see fednml_jax/config.py).
+Errors caused by the input (config, data, workdir) are printed as one paragraph, exit code 2.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for config.json, metrics.jsonl, "
+                               "summary.json (and checkpoints).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from fednml_jax import train
+  from fednml_jax.errors import UserError
+  import jax
+  logging.info("JAX %s on %s", jax.__version__, jax.devices())
+  try:
+    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except UserError as err:
+    print(f"\nerror: {err}", file=sys.stderr)
+    sys.exit(2)
+  print()
+  print(train.summary_table(summary))
+  print(f"\n{summary['rounds']} rounds in {summary['seconds']:.1f} s; results in "
+        f"{os.path.join(_WORKDIR.value, 'summary.json')}")
+
+
+if __name__ == "__main__":
+  app.run(main)
