@@ -72,6 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.log_every = 1  # progress line every this many rounds
 
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 5  # save every this many rounds, and after the last round
+  c.checkpoint.keep = 2  # keep the newest this many checkpoints
+  c.resume = "auto"  # auto | require | fresh | force (see README: Resuming)
+
   # Each method's own constants live under config.<method name>, defined in its module.
   from fednml_jax.methods import method_config_defaults
   for name, defaults in method_config_defaults().items():
@@ -89,6 +94,7 @@ VALID_CHOICES = {
     "model.norm": ("batch", "group"),
     "model.dtype": ("float32", "bfloat16"),
     "eval.select_on": ("val", "test"),
+    "resume": ("auto", "require", "fresh", "force"),
 }
 
 
@@ -143,6 +149,8 @@ def validate(cfg) -> None:
       ("eval.every", cfg.eval.every >= 1, "at least 1"),
       ("eval.batch_size", cfg.eval.batch_size >= 1, "at least 1"),
       ("log_every", cfg.log_every >= 1, "at least 1"),
+      ("checkpoint.every", cfg.checkpoint.every >= 1, "at least 1"),
+      ("checkpoint.keep", cfg.checkpoint.keep >= 1, "at least 1"),
   ]
   for key, ok, what in checks:
     if not ok:

@@ -25,6 +25,7 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
+from fednml_jax import checkpointing
 from fednml_jax import config as config_lib
 from fednml_jax.corruption import simulate_clients
 from fednml_jax.data import load_dataset
@@ -132,126 +133,211 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
   return "\n".join(lines)
 
 
+class Experiment:
+  """One run's fixed parts (data, clients, model, method, compiled programs) and its round step.
+
+  A run is a pure function of (config, seed): every random stream is derived from the seed and the
+  round number, so the state to save between rounds is only (round, variables, method state).
+  """
+
+  def __init__(self, config):
+    config_lib.validate(config)
+    self.config = config
+    self.task = get_task(config.task)
+    self.dataset = dataset = load_dataset(config.data)
+    self.strategy = strategies.resolve_strategy(config.fl.strategy)
+    self.setup = build_federation(config, dataset, self.task,
+                                  strategies.client_padding(self.strategy))
+    self.layout = layout = self.setup.layout
+    logging.info("dataset %s: %d train / %d val / %d test images %s, %d classes; %d clients %s, "
+                 "strategy %s on %s", dataset.name, len(dataset.train), len(dataset.val),
+                 len(dataset.test), dataset.image_shape, dataset.num_classes,
+                 layout.num_real_clients, layout.counts[:layout.num_real_clients].tolist(),
+                 self.strategy, jax.devices())
+    self.model = build_model({"name": config.model.name, "norm": config.model.norm,
+                              "num_outputs": self.task.num_outputs(dataset.num_classes),
+                              "width": config.model.width, "dtype": config.model.dtype})
+    self.run_key = jax.random.PRNGKey(config.seed)
+    self.method = METHODS[config.method](config, self.setup)
+    self.image_mean, self.image_std = channel_stats(dataset.train.images)
+    self.optimizer = optax.adamw(config.optim.lr, weight_decay=config.optim.weight_decay)
+    self.train_images = jax.device_put(dataset.train.images)
+    chunk = min(config.eval.batch_size, max(len(dataset.val), len(dataset.test)))
+    self.eval_images = {name: jax.device_put(inference.pad_to_multiple(split.images, chunk))
+                        for name, split in (("val", dataset.val), ("test", dataset.test))}
+    self.eval_labels = {"val": dataset.val.labels, "test": dataset.test.labels}
+    self._predict = inference.make_predict(self.model, self.task, self.image_mean,
+                                           self.image_std, chunk)
+    self._predict_clients = inference.make_predict_clients(
+        self.model, self.task, self.image_mean, self.image_std, config.augment)
+    self._device_sample_index = jax.device_put(layout.sample_index)
+    self.programs: dict[str, strategies.RoundProgram] = {}
+    self._clients = None  # device copy of the method's client arrays
+
+  # State ---------------------------------------------------------------------------------------
+  def initial_variables(self):
+    variables = init_variables(self.model, jax.random.fold_in(self.run_key, STREAM_INIT),
+                               self.dataset.image_shape)
+    if self.config.model.pretrained:
+      variables = load_pretrained(variables, self.config.model.pretrained)
+    return variables
+
+  def host_arrays(self) -> dict:
+    """The simulation's host-side arrays (saved with checkpoints, checked on resume)."""
+    return {"sample_index": self.layout.sample_index, "valid": self.layout.valid,
+            "corrupted": self.setup.corrupted, "annotated": self.setup.annotated,
+            "observed_labels": self.setup.observed_labels}
+
+  # Rounds --------------------------------------------------------------------------------------
+  def program_for(self, phase: str) -> strategies.RoundProgram:
+    if phase not in self.programs:
+      c = self.config
+      client_update = local_training.make_client_update(
+          model=self.model, method=self.method, phase=phase, optimizer=self.optimizer,
+          local_epochs=c.fl.local_epochs, batch_size=c.fl.batch_size, augment_cfg=c.augment,
+          image_mean=self.image_mean, image_std=self.image_std, scan_unroll=c.fl.scan_unroll)
+      self.programs[phase] = strategies.RoundProgram(self.strategy, client_update,
+                                                     self.method.aggregate)
+    return self.programs[phase]
+
+  @property
+  def compiled_programs(self) -> int:
+    return sum(p.traces for p in self.programs.values())
+
+  def predict_train(self, variables, rnd: int) -> np.ndarray:
+    key = jax.random.fold_in(jax.random.fold_in(self.run_key, STREAM_REFINE), rnd)
+    return np.asarray(self._predict_clients(variables, self.train_images,
+                                            self._device_sample_index, key))
+
+  def run_round(self, rnd: int, variables, method_state):
+    """Host step, then every client's local training and the aggregation of round `rnd`.
+
+    Returns (variables, method_state, records) where records are metrics.jsonl lines.
+    """
+    records = []
+    ctx = RoundContext(round=rnd, global_vars=variables,
+                       predict_train=lambda: self.predict_train(variables, rnd))
+    method_state, changed, host_log = self.method.before_round(ctx, method_state)
+    if host_log:
+      records.append({"round": rnd, "split": "train", "kind": "refinement", **host_log})
+    if self._clients is None or changed:
+      self._clients = strategies.place_clients(
+          self.strategy, _device_clients(self.method, method_state, self.layout))
+    phase = self.method.phase(rnd)
+    scalars = {k: jnp.float32(v) for k, v in self.method.scalars(rnd, method_state).items()}
+    round_key = jax.random.fold_in(jax.random.fold_in(self.run_key, STREAM_TRAIN), rnd)
+    new_variables, client_losses, _ = self.program_for(phase)(
+        variables, self.train_images, self._clients, scalars, round_key)
+    client_losses = np.asarray(client_losses)[:self.layout.num_real_clients]
+    if not np.all(np.isfinite(client_losses)):
+      bad = int(np.flatnonzero(~np.isfinite(client_losses))[0])
+      raise NumericalError(rnd, bad, float(client_losses[bad]))
+    records.append({"round": rnd, "split": "train", "phase": phase,
+                    "client_loss": client_losses.tolist()})
+    return new_variables, method_state, records
+
+  def evaluate(self, variables) -> dict:
+    out = {}
+    for split in ("val", "test"):
+      probs = np.asarray(self._predict(variables, self.eval_images[split]))
+      out[split] = self.task.evaluate(probs[:len(self.eval_labels[split])],
+                                      self.eval_labels[split])
+    return out
+
+  def should_evaluate(self, rnd: int) -> bool:
+    return (rnd + 1) % self.config.eval.every == 0 or rnd == self.config.rounds - 1
+
+  def summary(self, history: dict, seconds: float) -> dict:
+    config, dataset = self.config, self.dataset
+    last = config.rounds - 1
+    best = _select_best(history, config.eval.select_on)
+    pick = lambda m: {k: m[k] for k in (*HEADLINE, "classes_evaluated", "classes_skipped")}  # noqa: E731
+    return {
+        "method": config.method,
+        "dataset": dataset.name,
+        "classes": list(dataset.class_names),
+        "rounds": config.rounds,
+        "seed": config.seed,
+        "num_clients": self.layout.num_real_clients,
+        "noise_rate": config.labels.noise_rate,
+        "annotation_num": config.labels.annotation_num or dataset.num_classes,
+        "strategy": self.strategy,
+        "backend": jax.default_backend(),
+        "seconds": round(seconds, 2),
+        "selected_on": config.eval.select_on,
+        "best_val_round": best,
+        "val_at_best": pick(history[best]["val"]) if best is not None else None,
+        "test_final": pick(history[last]["test"]),
+        "test_at_best_val": pick(history[best]["test"]) if best is not None else None,
+        "test_class_prior": pick(self.task.prior_baseline(dataset.train.labels,
+                                                          dataset.test.labels)),
+        "compiled_programs": self.compiled_programs,
+    }
+
+
+class NumericalError(UserError):
+  """A client's training loss became NaN or infinite."""
+
+  def __init__(self, rnd: int, client: int, value: float):
+    self.round, self.client = rnd, client
+    super().__init__(f"The training loss became {value} in round {rnd} on client {client}; the "
+                     "results of that round were discarded.")
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs one federated experiment; returns the summary that is also written to summary.json."""
+  """Runs (or resumes) one federated experiment; returns the summary also written to summary.json."""
   start = time.time()
   config_lib.validate(config)
   prepare_workdir(workdir)
+  resume_from = checkpointing.check_resume(config, workdir)
+  experiment = Experiment(config)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.every, config.checkpoint.keep)
+  variables = experiment.initial_variables()
+  method_state = experiment.method.init_state()
+  history: dict[int, dict] = {}
+  first_round, elapsed_before = 0, 0.0
+  if resume_from:
+    restored = ckpt.restore(variables, method_state, experiment.host_arrays())
+    if restored is not None:
+      first_round, variables, method_state, history, elapsed_before = restored
+      logging.info("resuming %s at round %d", workdir, first_round)
+  checkpointing.truncate_jsonl(metrics_path, first_round)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config_lib.to_json(config))
+  metrics_log = JsonlWriter(metrics_path)
 
-  task = get_task(config.task)
-  dataset = load_dataset(config.data)
-  strategy = strategies.resolve_strategy(config.fl.strategy)
-  setup = build_federation(config, dataset, task, strategies.client_padding(strategy))
-  layout = setup.layout
-  logging.info("dataset %s: %d train / %d val / %d test images %s, %d classes; %d clients (%s), "
-               "strategy %s on %s", dataset.name, len(dataset.train), len(dataset.val),
-               len(dataset.test), dataset.image_shape, dataset.num_classes,
-               layout.num_real_clients, layout.counts[:layout.num_real_clients].tolist(),
-               strategy, jax.devices())
-
-  model = build_model({"name": config.model.name, "norm": config.model.norm,
-                       "num_outputs": task.num_outputs(dataset.num_classes),
-                       "width": config.model.width, "dtype": config.model.dtype})
-  run_key = jax.random.PRNGKey(config.seed)
-  variables = init_variables(model, jax.random.fold_in(run_key, STREAM_INIT), dataset.image_shape)
-  if config.model.pretrained:
-    variables = load_pretrained(variables, config.model.pretrained)
-
-  method = METHODS[config.method](config, setup)
-  image_mean, image_std = channel_stats(dataset.train.images)
-  optimizer = optax.adamw(config.optim.lr, weight_decay=config.optim.weight_decay)
-  train_images = jax.device_put(dataset.train.images)
-  chunk = min(config.eval.batch_size, max(len(dataset.val), len(dataset.test)))
-  eval_images = {name: jax.device_put(inference.pad_to_multiple(split.images, chunk))
-                 for name, split in (("val", dataset.val), ("test", dataset.test))}
-  eval_labels = {"val": dataset.val.labels, "test": dataset.test.labels}
-  predict = inference.make_predict(model, task, image_mean, image_std, chunk)
-  predict_clients = inference.make_predict_clients(model, task, image_mean, image_std,
-                                                   config.augment)
-  device_sample_index = jax.device_put(layout.sample_index)
-
-  programs = {}
-
-  def program_for(phase):
-    if phase not in programs:
-      client_update = local_training.make_client_update(
-          model=model, method=method, phase=phase, optimizer=optimizer,
-          local_epochs=config.fl.local_epochs, batch_size=config.fl.batch_size,
-          augment_cfg=config.augment, image_mean=image_mean, image_std=image_std,
-          scan_unroll=config.fl.scan_unroll)
-      programs[phase] = strategies.RoundProgram(strategy, client_update, method.aggregate)
-    return programs[phase]
-
-  metrics_log = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
-  state = method.init_state()
-  clients = None
-  history: dict[int, dict] = {}
-  train_key = jax.random.fold_in(run_key, STREAM_TRAIN)
-  refine_key = jax.random.fold_in(run_key, STREAM_REFINE)
-
-  progress = tqdm(total=config.rounds, desc=f"{config.method} rounds", unit="round",
-                  file=sys.stderr, mininterval=2.0, dynamic_ncols=True,
+  progress = tqdm(total=config.rounds, initial=first_round, desc=f"{config.method} rounds",
+                  unit="round", file=sys.stderr, mininterval=2.0, dynamic_ncols=True,
                   disable=os.environ.get("FEDNML_NO_PROGRESS") == "1")
-  for rnd in range(config.rounds):
-    ctx = RoundContext(
-        round=rnd, global_vars=variables,
-        predict_train=lambda v=variables, r=rnd: np.asarray(predict_clients(
-            v, train_images, device_sample_index, jax.random.fold_in(refine_key, r))))
-    state, changed, host_log = method.before_round(ctx, state)
-    if host_log:
-      metrics_log.write({"round": rnd, "split": "train", "kind": "refinement", **host_log})
-    if clients is None or changed:
-      clients = strategies.place_clients(strategy, _device_clients(method, state, layout))
-    phase = method.phase(rnd)
-    scalars = {k: jnp.float32(v) for k, v in method.scalars(rnd, state).items()}
-    variables, client_losses, _ = program_for(phase)(
-        variables, train_images, clients, scalars, jax.random.fold_in(train_key, rnd))
-    client_losses = np.asarray(client_losses)[:layout.num_real_clients]
-    if not np.all(np.isfinite(client_losses)):
-      bad = int(np.flatnonzero(~np.isfinite(client_losses))[0])
-      raise UserError(f"The training loss became {client_losses[bad]} in round {rnd} on client "
-                      f"{bad} ({config.method}, lr {config.optim.lr}). Lower --config.optim.lr or "
-                      "check the data; no results of this round were kept.")
-    metrics_log.write({"round": rnd, "split": "train", "phase": phase,
-                       "client_loss": client_losses.tolist()})
-    postfix = {"loss": f"{client_losses.mean():.4f}"}
-    if (rnd + 1) % config.eval.every == 0 or rnd == config.rounds - 1:
-      history[rnd] = {}
-      for split in ("val", "test"):
-        probs = np.asarray(predict(variables, eval_images[split]))[:len(eval_labels[split])]
-        result = task.evaluate(probs, eval_labels[split])
-        history[rnd][split] = result
-        metrics_log.write({"round": rnd, "split": split, "metrics": result})
-      postfix["val_mAP"] = f"{history[rnd]['val']['mAP']:.4f}"
-    progress.set_postfix(postfix, refresh=False)
-    progress.update(1)
-  progress.close()
-
-  last = config.rounds - 1
-  best = _select_best(history, config.eval.select_on)
-  pick = lambda m: {k: m[k] for k in (*HEADLINE, "classes_evaluated", "classes_skipped")}  # noqa: E731
-  summary = {
-      "method": config.method,
-      "dataset": dataset.name,
-      "classes": list(dataset.class_names),
-      "rounds": config.rounds,
-      "seed": config.seed,
-      "num_clients": layout.num_real_clients,
-      "noise_rate": config.labels.noise_rate,
-      "annotation_num": config.labels.annotation_num or dataset.num_classes,
-      "strategy": strategy,
-      "backend": jax.default_backend(),
-      "seconds": round(time.time() - start, 2),
-      "selected_on": config.eval.select_on,
-      "best_val_round": best,
-      "val_at_best": pick(history[best]["val"]) if best is not None else None,
-      "test_final": pick(history[last]["test"]),
-      "test_at_best_val": pick(history[best]["test"]) if best is not None else None,
-      "test_class_prior": pick(task.prior_baseline(dataset.train.labels, dataset.test.labels)),
-      "compiled_programs": sum(p.traces for p in programs.values()),
-  }
+  try:
+    for rnd in range(first_round, config.rounds):
+      try:
+        variables, method_state, records = experiment.run_round(rnd, variables, method_state)
+      except NumericalError as err:
+        last = ckpt.latest_round()
+        where = (f"The last good checkpoint (round {last}) is kept: fix the cause (e.g. a lower "
+                 "--config.optim.lr) and rerun with --config.resume=force to continue from it."
+                 if last is not None else "No checkpoint was written yet.")
+        raise UserError(f"{err} ({config.method}, lr {config.optim.lr}). {where}") from None
+      for record in records:
+        metrics_log.write(record)
+      postfix = {"loss": f"{np.mean(records[-1]['client_loss']):.4f}"}
+      if experiment.should_evaluate(rnd):
+        history[rnd] = experiment.evaluate(variables)
+        for split, result in history[rnd].items():
+          metrics_log.write({"round": rnd, "split": split, "metrics": result})
+        postfix["val_mAP"] = f"{history[rnd]['val']['mAP']:.4f}"
+      if (rnd + 1) % config.checkpoint.every == 0 or rnd == config.rounds - 1:
+        ckpt.save(rnd + 1, variables, method_state, experiment.host_arrays(), history,
+                  elapsed_before + time.time() - start)
+      progress.set_postfix(postfix, refresh=False)
+      progress.update(1)
+  finally:
+    progress.close()
+    ckpt.close()
+  summary = experiment.summary(history, elapsed_before + time.time() - start)
+  summary["resumed_from_round"] = first_round if resume_from else None
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2, default=_json_default)
   return summary

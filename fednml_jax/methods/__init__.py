@@ -2,8 +2,9 @@
 
 from fednml_jax.methods.base import FederatedSetup, Method, RoundContext
 from fednml_jax.methods.fedavg import FedAvg
+from fednml_jax.methods.fednml import FedNML
 
-METHODS = {cls.name: cls for cls in (FedAvg,)}
+METHODS = {cls.name: cls for cls in (FedAvg, FedNML)}
 
 
 def method_config_defaults() -> dict:

@@ -1,0 +1,158 @@
+"""Orbax checkpoints of a run, and the rules for resuming one.
+
+A checkpoint after round r holds everything rounds r+1… depend on: the global variables (server
+state; client optimizers are re-initialised every round, so none survive a round), the method's
+host state (label tables, class counts, …), the evaluation history, and the simulation's host arrays
+(client partition, corruption mask, annotated classes, observed labels). RNG keys are not stored:
+every stream is `fold_in(seed, round)`, so resuming at round r replays the same randomness.
+The simulation arrays are recomputed from the seed on resume and must equal the saved ones, which
+catches a code change that would silently resume a different experiment.
+
+Orbax writes each checkpoint to a temporary folder and renames it when complete, so a kill during a
+save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from fednml_jax import config as config_lib
+from fednml_jax.errors import ConfigError, UserError
+
+# Keys that do not change a run's results: a resumed run may differ in these freely.
+NON_RESULT_KEYS = ("resume", "log_every", "checkpoint.every", "checkpoint.keep",
+                   "eval.batch_size")
+RESUME_MODES = ("auto", "require", "fresh", "force")
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _saved_rounds(workdir: str) -> list[int]:
+  path = checkpoint_dir(workdir)
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(name) for name in os.listdir(path) if name.isdigit())
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+  """Dotted keys whose values differ between two configs, ignoring NON_RESULT_KEYS."""
+  old_flat = config_lib.flatten(old)
+  new_flat = json.loads(json.dumps(config_lib.flatten(new), default=str))
+  keys = set(old_flat) | set(new_flat)
+  return sorted(k for k in keys if k not in NON_RESULT_KEYS and old_flat.get(k) != new_flat.get(k))
+
+
+def check_resume(config, workdir: str) -> bool:
+  """Decides whether to resume from `workdir`, per `config.resume`; refuses unsafe cases."""
+  mode = config.resume
+  rounds = _saved_rounds(workdir)
+  if not rounds:
+    if mode == "require":
+      raise UserError(f"--config.resume=require, but {workdir} holds no checkpoint to resume.")
+    return False
+  if mode == "fresh":
+    raise UserError(f"{workdir} already holds a run (checkpoint at round {rounds[-1]}) and "
+                    "--config.resume=fresh refuses to overwrite it. Use another --workdir, or "
+                    "resume it with --config.resume=auto.")
+  config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      old = json.load(f)
+    differing = config_differences(old, config.to_dict())
+    if differing and mode != "force":
+      shown = ", ".join(f"{k} ({config_lib.flatten(old).get(k)!r} → "
+                        f"{config_lib.flatten(config.to_dict()).get(k)!r})" for k in differing[:8])
+      raise ConfigError(
+          f"{workdir} holds a run with a different config, so resuming it would mix two "
+          f"experiments. Differing keys: {shown}. Use another --workdir for a new run, or pass "
+          "--config.resume=force to continue this one under the new values.")
+    if differing:
+      logging.warning("resuming %s under changed keys %s (resume=force)", workdir, differing)
+  return True
+
+
+def truncate_jsonl(path: str, first_round: int) -> None:
+  """Drops records of rounds ≥ first_round (written after the checkpoint a run resumes from)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["round"] < first_round:
+        kept.append(line)
+    except (ValueError, KeyError):
+      continue  # a line cut short by a kill
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+class Checkpointer:
+  """Saves and restores run state with an orbax `CheckpointManager` under `workdir/checkpoints`."""
+
+  def __init__(self, workdir: str, every: int, keep: int):
+    self.every = every
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False)
+    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+  def latest_round(self):
+    return self.manager.latest_step()
+
+  def save(self, next_round: int, variables, method_state, host_arrays, history, seconds):
+    state = {"variables": variables, "method_state": _as_arrays(method_state),
+             "host": host_arrays}
+    meta = {"next_round": next_round, "seconds": seconds,
+            "history": {str(k): v for k, v in history.items()}}
+    try:
+      self.manager.save(next_round, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+      self.manager.wait_until_finished()
+    except OSError as err:
+      last = self.latest_round()
+      raise UserError(
+          f"Could not save the checkpoint after round {next_round - 1} ({err.strerror or err}); "
+          f"the previous checkpoint (round {last}) is intact. Free disk space and rerun the same "
+          "command to resume.") from None
+
+  def restore(self, variables, method_state, host_arrays):
+    """(next_round, variables, method_state, history, seconds), or None when there is none."""
+    step = self.manager.latest_step()
+    if step is None:
+      return None
+    target = {"variables": variables, "method_state": _as_arrays(method_state),
+              "host": host_arrays}
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    except Exception as err:  # orbax raises many types for damaged or incompatible files
+      raise UserError(f"The checkpoint at round {step} in {self.manager.directory} cannot be "
+                      f"restored ({type(err).__name__}: {err}). Move it away to resume from an "
+                      "earlier one, or use a fresh --workdir.") from None
+    state, meta = restored["state"], restored["meta"]
+    for name, saved in state["host"].items():
+      if not np.array_equal(np.asarray(saved), np.asarray(host_arrays[name])):
+        raise UserError(
+            f"The checkpoint in {self.manager.directory} was made with a different client "
+            f"simulation ({name} differs), e.g. by another version of fednml_jax. Use a fresh "
+            "--workdir.")
+    method_state = {k: np.asarray(v) for k, v in state["method_state"].items()}
+    history = {int(k): v for k, v in meta["history"].items()}
+    return meta["next_round"], state["variables"], method_state, history, meta["seconds"]
+
+  def close(self):
+    self.manager.close()
+
+
+def _as_arrays(tree: dict) -> dict:
+  return {k: np.asarray(v) for k, v in tree.items()}
