@@ -1,0 +1,84 @@
+"""Numerical faults, failed saves and bad input never damage a workdir; it stays resumable."""
+
+import errno
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from fednml_jax import train
+from fednml_jax.errors import UserError
+from fednml_jax.methods.fedavg import FedAvg
+
+from conftest import tiny_config
+
+
+def _resume_ok(workdir, rounds):
+  """The workdir's checkpoint loads: a rerun that requires resuming finishes from it."""
+  summary = train.train_and_evaluate(tiny_config(rounds=rounds, resume="force"), str(workdir))
+  assert summary["resumed_from_round"] is not None
+  return summary
+
+
+def test_nan_loss_stops_with_round_and_client_and_keeps_checkpoint(tmp_path, monkeypatch):
+  train.train_and_evaluate(tiny_config(rounds=2, **{"checkpoint.every": 1}), str(tmp_path))
+  real_loss = FedAvg.client_loss
+
+  def nan_loss(self, phase, **kw):
+    return real_loss(self, phase, **kw) * jnp.nan
+
+  monkeypatch.setattr(FedAvg, "client_loss", nan_loss)
+  with pytest.raises(UserError, match=r"round 2 on client 0.*checkpoint \(round 2\) is kept"):
+    train.train_and_evaluate(tiny_config(rounds=4, resume="force"), str(tmp_path))
+  monkeypatch.setattr(FedAvg, "client_loss", real_loss)
+  assert _resume_ok(tmp_path, 4)["resumed_from_round"] == 2
+
+
+def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+  real_save = ocp.CheckpointManager.save
+  calls = {"n": 0}
+
+  def flaky_save(self, step, *args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 2:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", flaky_save)
+  with pytest.raises(UserError, match=r"No space left.*previous checkpoint \(round 1\) is intact"):
+    train.train_and_evaluate(tiny_config(rounds=3, **{"checkpoint.every": 1}), str(tmp_path))
+  monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+  assert _resume_ok(tmp_path, 3)["resumed_from_round"] == 1
+
+
+@pytest.mark.parametrize("overrides", [
+    {"labels.noise_rate": 1.5},
+    {"labels.annotation_num": 99},
+    {"fl.num_clients": 10_000},
+    {"method": "nope"},
+    {"data.source": "npz", "data.path": "/does/not/exist.npz"},
+])
+def test_bad_input_on_an_existing_run_leaves_it_resumable(tmp_path, overrides):
+  train.train_and_evaluate(tiny_config(rounds=1), str(tmp_path))
+  before = sorted(p.name for p in tmp_path.rglob("*"))
+  with pytest.raises(UserError):
+    train.train_and_evaluate(tiny_config(rounds=1, resume="force", **overrides), str(tmp_path))
+  assert sorted(p.name for p in tmp_path.rglob("*")) == before
+  _resume_ok(tmp_path, 2)
+
+
+def test_class_without_test_positives_is_reported_not_fatal(tmp_path):
+  rng = np.random.default_rng(0)
+  labels = (rng.random((120, 3)) < 0.4).astype(np.uint8)
+  test_labels = (rng.random((30, 3)) < 0.4).astype(np.uint8)
+  test_labels[:, 2] = 0  # class 2 never occurs in the test split
+  np.savez(tmp_path / "d.npz", train_images=rng.integers(0, 255, (120, 16, 16), np.uint8),
+           train_labels=labels, test_images=rng.integers(0, 255, (30, 16, 16), np.uint8),
+           test_labels=test_labels)
+  cfg = tiny_config(rounds=1, **{"data.source": "npz", "data.path": str(tmp_path / "d.npz"),
+                                 "labels.annotation_num": 3})
+  summary = train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  assert summary["test_final"]["classes_skipped"] == 1
+  assert summary["test_final"]["classes_evaluated"] == 2
+  assert summary["test_final"]["mAP"] is not None
