@@ -48,28 +48,30 @@ def test_client_layout_pads_samples_and_clients():
   np.testing.assert_array_equal(layout.gather(per_image, fill=-1)[:2], [[40, 70, 90], [10, 20, -1]])
 
 
-def _final_params(strategy, tmp_path, **overrides):
-  cfg = tiny_config(**{"fl.strategy": strategy, "rounds": 2, **overrides})
-  summary = train.train_and_evaluate(cfg, str(tmp_path / strategy))
-  return summary
+def _one_round(strategy):
+  """Global variables after one round, from the same start, under `strategy`."""
+  experiment = train.Experiment(tiny_config(**{"fl.strategy": strategy}))
+  variables = experiment.initial_variables()
+  state = experiment.method.init_state()
+  new_variables, _, records = experiment.run_round(0, variables, state)
+  return new_variables, records[-1]["client_loss"]
 
 
 @pytest.mark.parametrize("strategy", ["vmap", "shard"])
-def test_strategies_agree_with_loop(tmp_path, strategy):
-  """vmap (one program), shard (clients over 2 devices) and loop compute the same run."""
+def test_strategies_agree_with_loop(strategy):
+  """vmap (one program) and shard (3 clients + 1 padding client over 2 devices) compute the
+  same round as the loop, up to float32 reassociation."""
   assert jax.device_count() == 2, "conftest sets two CPU devices"
-  loop = _final_params("loop", tmp_path)
-  other = _final_params(strategy, tmp_path)
-  for key in ("mAP", "AUROC", "BAcc"):
-    assert other["test_final"][key] == pytest.approx(loop["test_final"][key], abs=2e-3)
-
-
-def test_shard_with_uneven_clients_pads_and_ignores_padding_client(tmp_path):
-  # 3 real clients over 2 devices: one padding client of weight 0 must not change the result.
-  loop = _final_params("loop", tmp_path)
-  shard = _final_params("shard", tmp_path)
-  assert shard["num_clients"] == 3
-  assert shard["test_final"]["mAP"] == pytest.approx(loop["test_final"]["mAP"], abs=2e-3)
+  loop_vars, loop_losses = _one_round("loop")
+  other_vars, other_losses = _one_round(strategy)
+  assert len(other_losses) == 3  # the padding client is not reported
+  np.testing.assert_allclose(other_losses, loop_losses, rtol=1e-4)
+  # Per tensor, relative L2 distance: Adam turns reassociation noise in near-zero gradients into
+  # steps of up to ~lr on single entries, so elementwise tolerances would be arbitrary; a real
+  # fault (e.g. the padding client weighing 1/4) moves whole tensors by far more than 1e-3.
+  for a, b in zip(jax.tree.leaves(loop_vars), jax.tree.leaves(other_vars)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.linalg.norm(a - b) <= 1e-3 * max(np.linalg.norm(a), 1.0)
 
 
 def test_programs_compile_once_per_run(tmp_path):

@@ -198,6 +198,8 @@ def test_before_round_refines_and_logs_json_diagnostics():
   # The corrupted samples disagree with the model on the annotated classes: flagged, relabelled.
   assert overall["noisy_precision"] == 1.0 and overall["noisy_recall"] == 1.0
   assert overall["corrupted_label_acc"] == 1.0 and overall["hard_fraction"] == 1.0
+  assert overall["corrupted_label_acc_before"] < 1.0
+  assert overall["annotated_label_mae"] < overall["annotated_label_mae_before"]
   # Missing classes: 0.2·1 + 0.8·0 = 0.2 on hidden positives, still rounded to 0 after one step.
   hidden = new["label_table"][0, :, 2]
   np.testing.assert_allclose(hidden[setup.clean_labels[:12, 2] > 0], 0.2, atol=1e-6)
@@ -221,8 +223,7 @@ def test_before_round_survives_a_two_sample_client():
 
 
 # End to end ---------------------------------------------------------------------------------------
-def test_train_and_evaluate_smoke(tmp_path, monkeypatch):
-  from fednml_jax.train import train_and_evaluate
+def smoke_config():
   spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs",
                                                                             "demo.py"))
   demo = importlib.util.module_from_spec(spec)
@@ -233,17 +234,29 @@ def test_train_and_evaluate_smoke(tmp_path, monkeypatch):
   config.fednml.warmup_rounds = 2
   config.fednml.refine_every = 1
   config.eval.every = 2
+  config.checkpoint.every = 1
   config.data.embedded_train = 200
   config.data.embedded_val = 60
   config.data.embedded_test = 100
   config.model.width = 8
   config.fl.local_epochs = 1
+  return config
+
+
+def _records(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_and_evaluate_smoke_and_resume(tmp_path, monkeypatch):
+  from fednml_jax import train
   monkeypatch.setenv("FEDNML_NO_PROGRESS", "1")
-  summary = train_and_evaluate(config, str(tmp_path))
-  assert (tmp_path / "summary.json").exists() and summary["method"] == "fednml"
-  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  config = smoke_config()
+  summary = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  assert (tmp_path / "straight" / "summary.json").exists() and summary["method"] == "fednml"
+  records = _records(tmp_path / "straight")
   refinements = [r for r in records if r.get("kind") == "refinement"]
   assert [r["round"] for r in refinements] == [2, 3]
+  assert [r["features_on"] for r in refinements] == ["annotated classes", "all classes"]
   for r in refinements:
     assert {"refinement", "w_kd", "overall", "clients", "degenerate"} <= set(r)
     assert {"flagged", "noisy_precision", "noisy_recall", "corrupted_label_acc",
@@ -252,3 +265,22 @@ def test_train_and_evaluate_smoke(tmp_path, monkeypatch):
   phases = [r["phase"] for r in records if "phase" in r]
   assert phases == ["warmup", "warmup", "refine", "refine"]
   assert np.isfinite(summary["test_final"]["mAP"])
+
+  # Interrupted after the first refinement's round was checkpointed, then resumed: the restored
+  # label table, class counts and refinement count give the same run.
+  real_run_round = train.Experiment.run_round
+
+  def failing(self, rnd, *args):
+    if rnd == 3:
+      raise KeyboardInterrupt
+    return real_run_round(self, rnd, *args)
+
+  monkeypatch.setattr(train.Experiment, "run_round", failing)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(smoke_config(), str(tmp_path / "resumed"))
+  monkeypatch.setattr(train.Experiment, "run_round", real_run_round)
+  resumed = train.train_and_evaluate(smoke_config(), str(tmp_path / "resumed"))
+  assert resumed["resumed_from_round"] == 3
+  assert resumed["test_final"] == summary["test_final"]
+  again = [r for r in _records(tmp_path / "resumed") if r.get("kind") == "refinement"]
+  assert again == refinements

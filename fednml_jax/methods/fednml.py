@@ -198,19 +198,23 @@ def logit_adjusted_kd_loss(logits, targets, teacher_logits, class_prior, w_kd, t
 
 
 # Diagnostics --------------------------------------------------------------------------------------
-_COUNT_KEYS = ("samples", "flagged", "corrupted", "flagged_corrupted", "corrupted_entries",
+_COUNT_KEYS = ("samples", "flagged", "corrupted", "flagged_corrupted", "annotated_entries",
+               "annotated_correct_before", "annotated_correct_after", "corrupted_entries",
                "corrupted_correct_before", "corrupted_correct_after", "missing_entries",
                "missing_correct_before", "missing_correct_after", "written_entries",
-               "written_hard")
+               "written_hard", "annotated_abs_error_before", "annotated_abs_error_after")
 
 
 def _label_quality_counts(*, before, after, pseudo, noisy, corrupted, clean, annotated):
-  """Integer counts for one client's refinement (see `_label_quality_ratios`)."""
+  """Counts and error sums of one client's refinement, summed over clients for the overall
+  figures (see `_label_quality_ratios`)."""
   annotated = np.asarray(annotated, bool)
   missing = ~annotated
-  clean = np.asarray(clean) > 0.5
+  clean_soft = np.asarray(clean, np.float64)
+  clean = clean_soft > 0.5
   hit = lambda table: (np.asarray(table) > 0.5) == clean  # noqa: E731  (label rounded at 0.5)
   hit_before, hit_after = hit(before), hit(after)
+  annotated_entries = np.broadcast_to(annotated, clean.shape)
   corrupted_entries = np.outer(corrupted, annotated)
   missing_entries = np.broadcast_to(missing, clean.shape)
   written = np.outer(noisy, annotated) | missing_entries
@@ -220,6 +224,9 @@ def _label_quality_counts(*, before, after, pseudo, noisy, corrupted, clean, ann
       "flagged": int(noisy.sum()),
       "corrupted": int(corrupted.sum()),
       "flagged_corrupted": int((noisy & corrupted).sum()),
+      "annotated_entries": int(annotated_entries.sum()),
+      "annotated_correct_before": int((hit_before & annotated_entries).sum()),
+      "annotated_correct_after": int((hit_after & annotated_entries).sum()),
       "corrupted_entries": int(corrupted_entries.sum()),
       "corrupted_correct_before": int((hit_before & corrupted_entries).sum()),
       "corrupted_correct_after": int((hit_after & corrupted_entries).sum()),
@@ -228,6 +235,9 @@ def _label_quality_counts(*, before, after, pseudo, noisy, corrupted, clean, ann
       "missing_correct_after": int((hit_after & missing_entries).sum()),
       "written_entries": int(written.sum()),
       "written_hard": int((hard & written).sum()),
+      # Soft labels can hurt without changing the rounded accuracy: keep the mean |Ŷ − Y| too.
+      "annotated_abs_error_before": float(np.abs(before - clean_soft)[annotated_entries].sum()),
+      "annotated_abs_error_after": float(np.abs(after - clean_soft)[annotated_entries].sum()),
   }
 
 
@@ -236,13 +246,21 @@ def _ratio(num, den):
 
 
 def _label_quality_ratios(c: dict) -> dict:
-  """Detection precision/recall against the corrupted mask, label accuracy before/after, and the
-  share of hard pseudo-labels among the entries this refinement wrote (None when undefined)."""
+  """Detection precision/recall against the corrupted mask; accuracy (label > 0.5 vs the clean
+  label) before/after this refinement on all annotated entries, on the annotated entries of
+  corrupted samples and on missing-class entries; the share of hard (0/1) pseudo-labels `q` among
+  the entries this refinement wrote (noisy samples' annotated entries and every missing entry);
+  the mean |Ŷ − Y_clean| on annotated entries before/after (soft labels show up only there).
+  None where a ratio is undefined."""
   hard = _ratio(c["written_hard"], c["written_entries"])
   return {
       "flagged": c["flagged"],
       "noisy_precision": _ratio(c["flagged_corrupted"], c["flagged"]),
       "noisy_recall": _ratio(c["flagged_corrupted"], c["corrupted"]),
+      "annotated_label_acc_before": _ratio(c["annotated_correct_before"], c["annotated_entries"]),
+      "annotated_label_acc": _ratio(c["annotated_correct_after"], c["annotated_entries"]),
+      "annotated_label_mae_before": _ratio(c["annotated_abs_error_before"], c["annotated_entries"]),
+      "annotated_label_mae": _ratio(c["annotated_abs_error_after"], c["annotated_entries"]),
       "corrupted_label_acc_before": _ratio(c["corrupted_correct_before"], c["corrupted_entries"]),
       "corrupted_label_acc": _ratio(c["corrupted_correct_after"], c["corrupted_entries"]),
       "missing_label_acc_before": _ratio(c["missing_correct_before"], c["missing_entries"]),
