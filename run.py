@@ -49,14 +49,15 @@ def main(argv):
   import jax
   logging.info("JAX %s on %s", jax.__version__, jax.devices())
   try:
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    summaries = train.run_comparison(_CONFIG.value, _WORKDIR.value)
   except UserError as err:
     print(f"\nerror: {err}", file=sys.stderr)
     sys.exit(2)
   print()
-  print(train.summary_table(summary))
-  print(f"\n{summary['rounds']} rounds in {summary['seconds']:.1f} s; results in "
-        f"{os.path.join(_WORKDIR.value, 'summary.json')}")
+  print(train.summary_table(summaries))
+  seconds = sum(s["seconds"] for s in summaries)
+  print(f"\n{len(summaries)} run(s) of {summaries[0]['rounds']} rounds in {seconds:.1f} s; "
+        f"summary.json and metrics.jsonl under {_WORKDIR.value}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-r"""FedNML's paper setting on BRSET (BRSET (Nakayama et al., PhysioNet 2023), 13 disease columns), for users who have the data.
+r"""FedNML's paper setting on BRSET (Nakayama et al., PhysioNet 2023; 13 disease columns).
 
   python run.py --config=configs/brset.py --workdir=runs/brset --config.method=fednml \
       --config.labels.noise_rate=0.2 --config.labels.annotation_num=C_MINUS_M
@@ -11,22 +11,8 @@ dropping those with fewer than 20 training positives (logged at start-up; the ru
 outside 1..C). Sized for an accelerator: on a CPU one run takes many hours.
 """
 
-from fednml_jax.config import base_config
+from fednml_jax.config import paper_setting
 
 
 def get_config():
-  c = base_config()
-  c.method = "fednml"
-  c.rounds = 100
-  c.data.source = "brset"
-  c.data.path = "data/brset"
-  c.data.image_size = 256
-  c.labels.noise_rate = 0.2
-  c.fl.num_clients = 6
-  c.fl.local_epochs = 3
-  c.fl.batch_size = 32
-  c.optim.lr = 1e-4
-  c.optim.weight_decay = 1e-4
-  c.model.name = "resnet18"
-  c.eval.every = 1
-  return c
+  return paper_setting("brset", num_clients=6)

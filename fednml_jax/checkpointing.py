@@ -25,7 +25,7 @@ from fednml_jax import config as config_lib
 from fednml_jax.errors import ConfigError, UserError
 
 # Keys that do not change a run's results: a resumed run may differ in these freely.
-NON_RESULT_KEYS = ("resume", "log_every", "checkpoint.every", "checkpoint.keep",
+NON_RESULT_KEYS = ("resume", "compare", "log_every", "checkpoint.every", "checkpoint.keep",
                    "eval.batch_size")
 RESUME_MODES = ("auto", "require", "fresh", "force")
 

@@ -343,10 +343,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return summary
 
 
-def summary_table(summary: dict) -> str:
-  rows = [(f"{summary['method']}: test, final round", summary["test_final"])]
-  if summary["test_at_best_val"] is not None:
-    rows.append((f"{summary['method']}: test, best val (r{summary['best_val_round']})",
-                 summary["test_at_best_val"]))
-  rows.append(("class-prior predictor: test", summary["test_class_prior"]))
+def run_comparison(config, workdir: str) -> list[dict]:
+  """Runs `config` once per method of `config.compare` (in `workdir/<method>/`), or once."""
+  methods = [m for m in config.compare.split(",") if m]
+  if not methods:
+    return [train_and_evaluate(config, workdir)]
+  config_lib.validate(config)
+  summaries = []
+  for method in methods:
+    single = config.copy_and_resolve_references()
+    single.method, single.compare = method, ""
+    summaries.append(train_and_evaluate(single, os.path.join(workdir, method)))
+  return summaries
+
+
+def summary_table(summaries: list[dict]) -> str:
+  """The results table printed at the end of a run: one block of rows per method."""
+  rows = []
+  for summary in summaries:
+    rows.append((f"{summary['method']}: test, final round", summary["test_final"]))
+    if summary["test_at_best_val"] is not None:
+      rows.append((f"{summary['method']}: test, best val (r{summary['best_val_round']})",
+                   summary["test_at_best_val"]))
+  rows.append(("class-prior predictor: test", summaries[0]["test_class_prior"]))
   return format_table(rows)

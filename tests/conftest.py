@@ -58,3 +58,21 @@ def tiny_config(**overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def interrupt_then_resume(make_config, workdir, at_round: int, monkeypatch):
+  """Runs `make_config()` in `workdir`, interrupted as round `at_round` starts, then resumes it
+  with the same config; returns the resumed run's summary."""
+  from fednml_jax import train
+  real_run_round = train.Experiment.run_round
+
+  def failing(self, rnd, *args):
+    if rnd == at_round:
+      raise KeyboardInterrupt
+    return real_run_round(self, rnd, *args)
+
+  monkeypatch.setattr(train.Experiment, "run_round", failing)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(make_config(), str(workdir))
+  monkeypatch.setattr(train.Experiment, "run_round", real_run_round)
+  return train.train_and_evaluate(make_config(), str(workdir))

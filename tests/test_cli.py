@@ -19,8 +19,19 @@ def run(args, workdir, timeout=300):
                         env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_demo_run_writes_the_contract_files_and_prints_a_table(tmp_path):
-  done = run(["--config=configs/demo.py", "--config.rounds=2", *SMALL], tmp_path)
+def test_demo_compares_methods_and_prints_one_table(tmp_path):
+  done = run(["--config=configs/demo.py", "--config.rounds=2", "--config.fednml.warmup_rounds=1",
+              *SMALL], tmp_path)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "class-prior predictor" in done.stdout
+  assert "fedavg: test" in done.stdout and "fednml: test" in done.stdout
+  for method in ("fedavg", "fednml"):
+    assert json.loads((tmp_path / method / "summary.json").read_text())["method"] == method
+
+
+def test_single_run_writes_the_contract_files(tmp_path):
+  done = run(["--config=configs/demo.py", "--config.compare=", "--config.rounds=2", *SMALL],
+             tmp_path)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "class-prior predictor" in done.stdout and "mAP" in done.stdout
   config = json.loads((tmp_path / "config.json").read_text())

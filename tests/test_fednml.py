@@ -13,6 +13,8 @@ import pytest
 from fednml_jax.config import base_config
 from fednml_jax.engine.clients import ClientLayout
 from fednml_jax.methods import METHODS, FederatedSetup, RoundContext
+
+from conftest import interrupt_then_resume
 from fednml_jax.methods.fednml import (FedNML, consistency_and_loss, fit_noise_gmm,
                                        hybrid_pseudo_labels, kd_weight, logit_adjusted_kd_loss,
                                        refine_label_table, update_class_counts)
@@ -268,18 +270,7 @@ def test_train_and_evaluate_smoke_and_resume(tmp_path, monkeypatch):
 
   # Interrupted after the first refinement's round was checkpointed, then resumed: the restored
   # label table, class counts and refinement count give the same run.
-  real_run_round = train.Experiment.run_round
-
-  def failing(self, rnd, *args):
-    if rnd == 3:
-      raise KeyboardInterrupt
-    return real_run_round(self, rnd, *args)
-
-  monkeypatch.setattr(train.Experiment, "run_round", failing)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(smoke_config(), str(tmp_path / "resumed"))
-  monkeypatch.setattr(train.Experiment, "run_round", real_run_round)
-  resumed = train.train_and_evaluate(smoke_config(), str(tmp_path / "resumed"))
+  resumed = interrupt_then_resume(smoke_config, tmp_path / "resumed", 3, monkeypatch)
   assert resumed["resumed_from_round"] == 3
   assert resumed["test_final"] == summary["test_final"]
   again = [r for r in _records(tmp_path / "resumed") if r.get("kind") == "refinement"]

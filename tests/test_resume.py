@@ -12,7 +12,7 @@ import pytest
 from fednml_jax import train
 from fednml_jax.errors import ConfigError, UserError
 
-from conftest import REPO, tiny_config
+from conftest import REPO, interrupt_then_resume, tiny_config
 
 
 def _rounds_in(workdir):
@@ -23,21 +23,10 @@ def _rounds_in(workdir):
 def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, monkeypatch):
   straight = train.train_and_evaluate(tiny_config(rounds=4, **{"checkpoint.every": 2}),
                                       str(tmp_path / "straight"))
-  # Interrupt the second run after round 2 (index 2) has trained, before its checkpoint.
-  real_run_round = train.Experiment.run_round
-
-  def failing(self, rnd, *args):
-    if rnd == 3:
-      raise KeyboardInterrupt
-    return real_run_round(self, rnd, *args)
-
-  monkeypatch.setattr(train.Experiment, "run_round", failing)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(tiny_config(rounds=4, **{"checkpoint.every": 2}),
-                             str(tmp_path / "resumed"))
-  monkeypatch.setattr(train.Experiment, "run_round", real_run_round)
-  resumed = train.train_and_evaluate(tiny_config(rounds=4, **{"checkpoint.every": 2}),
-                                     str(tmp_path / "resumed"))
+  # Interrupted as round 3 starts: the checkpoint after round 2 is the last (every 2 rounds).
+  resumed = interrupt_then_resume(
+      lambda: tiny_config(rounds=4, **{"checkpoint.every": 2}), tmp_path / "resumed", 3,
+      monkeypatch)
   assert resumed["resumed_from_round"] == 2
   for key in ("test_final", "test_at_best_val", "best_val_round", "val_at_best"):
     assert resumed[key] == straight[key]  # bit-identical on CPU
@@ -65,7 +54,8 @@ def test_require_without_checkpoint_is_refused(tmp_path):
 def test_sigkill_during_training_then_resume(tmp_path):
   """Kill the process (SIGKILL) mid-run; rerunning the same command completes the run."""
   workdir = tmp_path / "run"
-  cmd = [sys.executable, "run.py", "--config=configs/demo.py", f"--workdir={workdir}",
+  cmd = [sys.executable, "run.py", "--config=configs/demo.py", "--config.compare=",
+         f"--workdir={workdir}",
          "--config.rounds=6", "--config.checkpoint.every=1", "--config.data.embedded_train=200",
          "--config.data.embedded_val=60", "--config.data.embedded_test=80",
          "--config.model.width=8", "--config.eval.every=3"]

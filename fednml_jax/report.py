@@ -1,0 +1,123 @@
+r"""Tables of results from many run folders: mean ± std over seeds, per method and setting.
+
+  python -m fednml_jax.report --runs=runs/rfmid64 --out=table.md
+
+Reads every `summary.json` below `--runs` (one folder per run) and groups runs by
+(dataset, noise_rate, annotation_num) and method; each cell is the mean ± standard deviation over
+seeds of a test metric at the best-validation round (or `--at=final`). Refinement diagnostics of
+methods that log them (FedNML) are averaged over seeds per refinement round.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pathlib
+
+import numpy as np
+from absl import app, flags
+
+METRICS = ("mAP", "F1", "Recall", "BAcc")
+DIAGNOSTICS = ("flagged", "noisy_precision", "noisy_recall", "corrupted_label_acc_before",
+               "corrupted_label_acc", "missing_label_acc_before", "missing_label_acc",
+               "hard_fraction")
+
+
+def load_runs(root: str) -> list[dict]:
+  """The summaries under `root`, each with its folder as `workdir` (unfinished runs skipped)."""
+  runs = []
+  for path in sorted(pathlib.Path(root).rglob("summary.json")):
+    with open(path) as f:
+      summary = json.load(f)
+    summary["workdir"] = str(path.parent)
+    runs.append(summary)
+  return runs
+
+
+def _mean_std(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None, 0
+  return float(np.mean(values)), float(np.std(values)), len(values)
+
+
+def results_table(runs: list[dict], at: str = "test_at_best_val") -> str:
+  """Markdown: rows = methods, one block of columns per (noise, annotated classes) setting."""
+  settings = sorted({(r["noise_rate"], r["annotation_num"]) for r in runs})
+  methods = sorted({r["method"] for r in runs})
+  cells = collections.defaultdict(list)
+  for r in runs:
+    cells[(r["method"], r["noise_rate"], r["annotation_num"])].append(r)
+  header = "| method | " + " | ".join(
+      f"noise {n:g}, {a} annotated: {m}" for n, a in settings for m in METRICS) + " |"
+  lines = [header, "|" + "---|" * (1 + len(settings) * len(METRICS))]
+  for method in methods:
+    row = [method]
+    for n, a in settings:
+      group = cells[(method, n, a)]
+      for m in METRICS:
+        mean, std, count = _mean_std([g[at][m] for g in group])
+        row.append("–" if mean is None else f"{mean:.3f} ± {std:.3f} (n={count})")
+    lines.append("| " + " | ".join(row) + " |")
+  prior = collections.defaultdict(list)
+  for r in runs:
+    prior[(r["noise_rate"], r["annotation_num"])].append(r["test_class_prior"]["mAP"])
+  lines.append("")
+  lines.append("Class-prior predictor, test mAP: " + ", ".join(
+      f"{np.mean(v):.3f}" for v in (prior[s] for s in settings)) + " (per setting, as above).")
+  return "\n".join(lines)
+
+
+def refinement_diagnostics(runs: list[dict]) -> str:
+  """Markdown: per setting and refinement round, diagnostics averaged over seeds."""
+  rows = collections.defaultdict(lambda: collections.defaultdict(list))
+  for r in runs:
+    path = os.path.join(r["workdir"], "metrics.jsonl")
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      for line in f:
+        rec = json.loads(line)
+        if rec.get("kind") == "refinement":
+          key = (r["method"], r["noise_rate"], r["annotation_num"], rec["round"])
+          for d in DIAGNOSTICS:
+            rows[key][d].append(rec["overall"].get(d))
+  if not rows:
+    return "(no refinement records)"
+  lines = ["| method | noise | annotated | round | " + " | ".join(DIAGNOSTICS) + " |",
+           "|" + "---|" * (4 + len(DIAGNOSTICS))]
+  for key in sorted(rows):
+    values = []
+    for d in DIAGNOSTICS:
+      mean, _, _ = _mean_std(rows[key][d])
+      values.append("–" if mean is None else (f"{mean:.0f}" if d == "flagged" else f"{mean:.3f}"))
+    lines.append("| " + " | ".join([key[0], f"{key[1]:g}", str(key[2]), str(key[3])] + values)
+                 + " |")
+  return "\n".join(lines)
+
+
+_RUNS = flags.DEFINE_string("runs", None, "Folder whose sub-folders are run workdirs.")
+_OUT = flags.DEFINE_string("out", None, "Markdown file to write (default: print).")
+_AT = flags.DEFINE_enum("at", "best_val", ["best_val", "final"], "Which round's test metrics.")
+
+
+def main(argv):
+  del argv
+  runs = load_runs(_RUNS.value)
+  if not runs:
+    raise app.UsageError(f"no summary.json below {_RUNS.value}")
+  at = "test_at_best_val" if _AT.value == "best_val" else "test_final"
+  text = (f"Test metrics at the {'best-validation' if at != 'test_final' else 'final'} round, "
+          f"mean ± std over seeds ({len(runs)} runs of {runs[0]['dataset']}).\n\n"
+          + results_table(runs, at) + "\n\nRefinement diagnostics (overall, mean over seeds):\n\n"
+          + refinement_diagnostics(runs) + "\n")
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      f.write(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("runs")
+  app.run(main)
