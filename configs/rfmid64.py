@@ -17,7 +17,7 @@ from fednml_jax.config import base_config
 def get_config():
   c = base_config()
   c.method = "fedavg"
-  c.rounds = 40
+  c.rounds = 30
   c.data.source = "npz"
   c.data.path = "../shared/data/rfmid_dev_64px.npz"
   c.labels.noise_rate = 0.2
