@@ -25,9 +25,8 @@ from fednml_jax import config as config_lib
 from fednml_jax.errors import ConfigError, UserError
 
 # Keys that do not change a run's results: a resumed run may differ in these freely.
-NON_RESULT_KEYS = ("resume", "compare", "log_every", "checkpoint.every", "checkpoint.keep",
+NON_RESULT_KEYS = ("resume", "compare", "checkpoint.every", "checkpoint.keep",
                    "eval.batch_size")
-RESUME_MODES = ("auto", "require", "fresh", "force")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -42,11 +41,17 @@ def _saved_rounds(workdir: str) -> list[int]:
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-  """Dotted keys whose values differ between two configs, ignoring NON_RESULT_KEYS."""
+  """Dotted keys whose values differ between a workdir's config and a new one.
+
+  Ignores NON_RESULT_KEYS. Only keys of the current schema count: a key the old config lacks (it
+  was added to fednml_jax later) equals the schema default, so older workdirs stay resumable, and
+  a key the schema no longer has is ignored.
+  """
+  defaults = json.loads(json.dumps(config_lib.flatten(config_lib.base_config()), default=str))
   old_flat = config_lib.flatten(old)
   new_flat = json.loads(json.dumps(config_lib.flatten(new), default=str))
-  keys = set(old_flat) | set(new_flat)
-  return sorted(k for k in keys if k not in NON_RESULT_KEYS and old_flat.get(k) != new_flat.get(k))
+  return sorted(k for k in new_flat
+                if k not in NON_RESULT_KEYS and old_flat.get(k, defaults.get(k)) != new_flat[k])
 
 
 def check_resume(config, workdir: str) -> bool:

@@ -41,7 +41,7 @@ def test_changed_config_is_refused_with_the_differing_keys(tmp_path):
   with pytest.raises(UserError, match="fresh"):
     train.train_and_evaluate(tiny_config(rounds=1, resume="fresh"), str(tmp_path))
   # Non-result keys may change; force accepts a result key.
-  train.train_and_evaluate(tiny_config(rounds=1, log_every=3), str(tmp_path))
+  train.train_and_evaluate(tiny_config(rounds=1, **{"checkpoint.keep": 3}), str(tmp_path))
   forced = train.train_and_evaluate(tiny_config(rounds=2, resume="force"), str(tmp_path))
   assert forced["resumed_from_round"] == 1
 
@@ -77,3 +77,14 @@ def test_sigkill_during_training_then_resume(tmp_path):
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["resumed_from_round"] >= 2
   assert _rounds_in(workdir) == list(range(6))
+
+
+def test_config_keys_added_later_do_not_block_resuming():
+  from fednml_jax import checkpointing
+  new = tiny_config().to_dict()
+  old = tiny_config().to_dict()
+  del old["aggregation"]  # a workdir written before the key existed: it had the default
+  old["retired_key"] = 1  # a key the schema no longer has
+  assert checkpointing.config_differences(old, new) == []
+  new["aggregation"] = "krum"
+  assert checkpointing.config_differences(old, new) == ["aggregation"]

@@ -3,8 +3,9 @@
 from fednml_jax.methods.base import FederatedSetup, Method, RoundContext
 from fednml_jax.methods.fedavg import FedAvg
 from fednml_jax.methods.fednml import FedNML
+from fednml_jax.methods.fedprox import FedProx
 
-METHODS = {cls.name: cls for cls in (FedAvg, FedNML)}
+METHODS = {cls.name: cls for cls in (FedAvg, FedProx, FedNML)}
 
 
 def method_config_defaults() -> dict:

@@ -53,7 +53,7 @@ class RoundContext:
 
 
 class Method:
-  """Defaults shared by every method: one phase, no host state, weighted-mean aggregation."""
+  """Defaults shared by every method: one phase, no host state, `config.aggregation`."""
 
   name = "base"
 
@@ -104,6 +104,9 @@ class Method:
     return jnp.float32(0.0)
 
   def aggregate(self, client_vars, clients, global_vars):
+    """`config.aggregation` (default "mean": the weighted mean) with weights from
+    `fl.client_weighting`; `config.aggregation_options` tune the robust rules."""
     del global_vars
     weights = aggregation.client_weights(clients["count"], self.config.fl.client_weighting)
-    return aggregation.weighted_mean(client_vars, weights)
+    return aggregation.aggregate_by_name(self.config.aggregation, client_vars, weights,
+                                         **self.config.aggregation_options)
