@@ -97,6 +97,28 @@ def refinement_diagnostics(runs: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def trajectory_table(runs: list[dict], split: str = "val") -> str:
+  """Markdown: mean `split` mAP over seeds at every evaluated round, per method and setting."""
+  curves = collections.defaultdict(lambda: collections.defaultdict(list))
+  for r in runs:
+    path = os.path.join(r["workdir"], "metrics.jsonl")
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      for line in f:
+        rec = json.loads(line)
+        if rec.get("split") == split and rec["metrics"]["mAP"] is not None:
+          curves[(r["method"], r["noise_rate"], r["annotation_num"])][rec["round"]].append(
+              rec["metrics"]["mAP"])
+  rounds = sorted({rnd for curve in curves.values() for rnd in curve})
+  lines = ["| method | noise | annotated | " + " | ".join(f"r{rnd}" for rnd in rounds) + " |",
+           "|" + "---|" * (3 + len(rounds))]
+  for key in sorted(curves):
+    cells = [f"{np.mean(curves[key][rnd]):.3f}" if curves[key].get(rnd) else "–" for rnd in rounds]
+    lines.append("| " + " | ".join([key[0], f"{key[1]:g}", str(key[2])] + cells) + " |")
+  return "\n".join(lines)
+
+
 _RUNS = flags.DEFINE_string("runs", None, "Folder whose sub-folders are run workdirs.")
 _OUT = flags.DEFINE_string("out", None, "Markdown file to write (default: print).")
 _AT = flags.DEFINE_enum("at", "best_val", ["best_val", "final"], "Which round's test metrics.")
@@ -111,7 +133,8 @@ def main(argv):
   text = (f"Test metrics at the {'best-validation' if at != 'test_final' else 'final'} round, "
           f"mean ± std over seeds ({len(runs)} runs of {runs[0]['dataset']}).\n\n"
           + results_table(runs, at) + "\n\nRefinement diagnostics (overall, mean over seeds):\n\n"
-          + refinement_diagnostics(runs) + "\n")
+          + refinement_diagnostics(runs) + "\n\nValidation mAP by round (mean over seeds):\n\n"
+          + trajectory_table(runs, "val") + "\n")
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       f.write(text)

@@ -275,3 +275,19 @@ def test_train_and_evaluate_smoke_and_resume(tmp_path, monkeypatch):
   assert resumed["test_final"] == summary["test_final"]
   again = [r for r in _records(tmp_path / "resumed") if r.get("kind") == "refinement"]
   assert again == refinements
+
+
+def test_refine_labels_false_keeps_the_table_and_fits_nothing():
+  """The ablation switch: phase 2 still runs, the label table is never refined."""
+  setup = tiny_setup()
+  setup.config.fednml.refine_labels = False
+  method = FedNML(setup.config, setup)
+  state = method.init_state()
+
+  def no_pass():
+    raise AssertionError("no device pass without refinement")
+
+  new, changed, log = method.before_round(
+      RoundContext(round=10, global_vars=None, predict_train=no_pass), state)
+  assert new is state and not changed and log == {}
+  assert method.phase(10) == "refine" and method.uses_teacher("refine")

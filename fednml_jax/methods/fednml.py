@@ -289,7 +289,7 @@ class FedNML(Method):
     c.kd_exponent = -2.0
     c.tau = 1.0  # logit-adjustment temperature: z + tau·log π
     c.reference_label_init = False  # True: start Ŷ before masking (the reference's leak; see docs)
-    c.plots = False  # not supported by this implementation (a warning is logged when True)
+    c.refine_labels = True  # False (ablation): phase 2 trains on the initial table, no GMM refinement
     c.gmm_seed = 0  # GaussianMixture random_state
     return c
 
@@ -310,9 +310,6 @@ class FedNML(Method):
     for key, ok, what in checks:
       if not ok:
         raise ConfigError(f"config.fednml.{key} = {cfg[key]!r} must be {what}.")
-    if cfg.plots:
-      logging.warning("config.fednml.plots = True: plotting is not implemented in fednml_jax "
-                      "(the refinement diagnostics are in metrics.jsonl); ignoring it.")
 
   # Schedule ------------------------------------------------------------------------------------
   def phase(self, rnd: int) -> str:
@@ -353,7 +350,7 @@ class FedNML(Method):
 
   def before_round(self, ctx, state: dict):
     rnd = ctx.round
-    if not self.is_refinement_round(rnd):
+    if not self.is_refinement_round(rnd) or not self.cfg.refine_labels:
       return state, False, {}
     cfg, layout = self.cfg, self.setup.layout
     first = int(state["refinements"]) == 0
