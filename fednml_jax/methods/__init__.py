@@ -3,9 +3,10 @@
 from fednml_jax.methods.base import FederatedSetup, Method, RoundContext
 from fednml_jax.methods.fedavg import FedAvg
 from fednml_jax.methods.fednml import FedNML
+from fednml_jax.methods.fednoro import FedNoRo
 from fednml_jax.methods.fedprox import FedProx
 
-METHODS = {cls.name: cls for cls in (FedAvg, FedProx, FedNML)}
+METHODS = {cls.name: cls for cls in (FedAvg, FedProx, FedNML, FedNoRo)}
 
 
 def method_config_defaults() -> dict:
