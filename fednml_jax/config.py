@@ -206,5 +206,20 @@ def validate(cfg) -> None:
                       "file or folder holding the data).")
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A workdir's config.json as a config of the current schema: keys added since take their
+  defaults, keys the schema no longer has are dropped (the rule resuming uses too)."""
+  cfg = base_config()
+  known = flatten(cfg)
+  for key, value in flatten(saved).items():
+    if key in known:
+      node = cfg
+      *parents, leaf = key.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return cfg
+
+
 def to_json(cfg) -> str:
   return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)

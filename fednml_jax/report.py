@@ -119,9 +119,56 @@ def trajectory_table(runs: list[dict], split: str = "val") -> str:
   return "\n".join(lines)
 
 
+def label_table_quality(runs: list[dict]) -> str:
+  """Markdown: how the label tables of FedNML runs ended, read from each run's last checkpoint.
+
+  Per setting, mean over seeds of the recall of true positives in the table (Ŷ > 0.5 where the
+  clean label is 1) on annotated entries at the start and at the end of the run, and on
+  missing-class entries at the end. Rebuilds each run's simulation from its config and seed.
+  """
+  import orbax.checkpoint as ocp  # noqa: PLC0415  (only this table needs checkpoints)
+
+  from fednml_jax import config as config_lib  # noqa: PLC0415
+  from fednml_jax import train  # noqa: PLC0415
+
+  rows = collections.defaultdict(lambda: collections.defaultdict(list))
+  for r in runs:
+    if r["method"] != "fednml":
+      continue
+    with open(os.path.join(r["workdir"], "config.json")) as f:
+      config = config_lib.from_saved(json.load(f))
+    experiment = train.Experiment(config)
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(r["workdir"], "checkpoints")))
+    state = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]["method_state"]
+    manager.close()
+    layout, setup = experiment.layout, experiment.setup
+    clean = layout.gather(setup.clean_labels) > 0.5
+    real = layout.valid[:, :, None]
+    annotated = real & setup.annotated[:, None, :]
+    missing = real & ~setup.annotated[:, None, :]
+    start = experiment.method.init_state()["label_table"] > 0.5
+    end = np.asarray(state["label_table"]) > 0.5
+    key = (r["noise_rate"], r["annotation_num"], bool(config.fednml.reference_label_init),
+           bool(config.fednml.refine_labels))
+    rows[key]["start"].append((start & clean & annotated).sum() / (clean & annotated).sum())
+    rows[key]["end"].append((end & clean & annotated).sum() / (clean & annotated).sum())
+    rows[key]["missing_end"].append((end & clean & missing).sum() / max((clean & missing).sum(), 1))
+  lines = ["| noise | annotated | reference_label_init | refine_labels | positive recall, start | "
+           "positive recall, end | missing-class positive recall, end | runs |",
+           "|---|---|---|---|---|---|---|---|"]
+  for key in sorted(rows):
+    v = rows[key]
+    lines.append(f"| {key[0]:g} | {key[1]} | {key[2]} | {key[3]} | {np.mean(v['start']):.3f} | "
+                 f"{np.mean(v['end']):.3f} | {np.mean(v['missing_end']):.3f} | {len(v['end'])} |")
+  return "\n".join(lines)
+
+
 _RUNS = flags.DEFINE_string("runs", None, "Folder whose sub-folders are run workdirs.")
 _OUT = flags.DEFINE_string("out", None, "Markdown file to write (default: print).")
 _AT = flags.DEFINE_enum("at", "best_val", ["best_val", "final"], "Which round's test metrics.")
+_LABEL_TABLES = flags.DEFINE_bool("label_tables", False, "Also read FedNML runs' final label "
+                                  "tables from their checkpoints (rebuilds each simulation).")
 
 
 def main(argv):
@@ -135,6 +182,9 @@ def main(argv):
           + results_table(runs, at) + "\n\nRefinement diagnostics (overall, mean over seeds):\n\n"
           + refinement_diagnostics(runs) + "\n\nValidation mAP by round (mean over seeds):\n\n"
           + trajectory_table(runs, "val") + "\n")
+  if _LABEL_TABLES.value:
+    text += ("\nFedNML label tables (true-positive recall, from the last checkpoint):\n\n"
+             + label_table_quality(runs) + "\n")
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       f.write(text)

@@ -291,3 +291,19 @@ def test_refine_labels_false_keeps_the_table_and_fits_nothing():
       RoundContext(round=10, global_vars=None, predict_train=no_pass), state)
   assert new is state and not changed and log == {}
   assert method.phase(10) == "refine" and method.uses_teacher("refine")
+
+
+def test_positive_label_recall_counts_erased_positives():
+  from fednml_jax.methods.fednml import _label_quality_counts, _label_quality_ratios
+  clean = np.array([[1, 0], [1, 1], [0, 0]], np.float32)  # 3 positives, class 1 missing
+  before = np.array([[1, 0], [1, 0], [0, 0]], np.float32)
+  after = np.array([[0.2, 0.7], [1, 0.1], [0, 0]], np.float32)  # sample 0's positive erased
+  counts = _label_quality_counts(before=before, after=after, pseudo=after,
+                                 noisy=np.array([True, False, False]),
+                                 corrupted=np.array([True, False, False]), clean=clean,
+                                 annotated=np.array([True, False]))
+  ratios = _label_quality_ratios(counts)
+  # Annotated class 0 holds 2 clean positives: both > 0.5 before, 1 of 2 after.
+  assert ratios["positive_label_recall_before"] == 1.0 and ratios["positive_label_recall"] == 0.5
+  # Missing class 1 holds 1 clean positive (sample 1): its table value 0.1 misses it.
+  assert ratios["missing_positive_recall"] == 0.0

@@ -202,7 +202,9 @@ _COUNT_KEYS = ("samples", "flagged", "corrupted", "flagged_corrupted", "annotate
                "annotated_correct_before", "annotated_correct_after", "corrupted_entries",
                "corrupted_correct_before", "corrupted_correct_after", "missing_entries",
                "missing_correct_before", "missing_correct_after", "written_entries",
-               "written_hard", "annotated_abs_error_before", "annotated_abs_error_after")
+               "written_hard", "annotated_abs_error_before", "annotated_abs_error_after",
+               "annotated_positives", "positives_kept_before", "positives_kept_after",
+               "missing_positives", "missing_positives_found_after")
 
 
 def _label_quality_counts(*, before, after, pseudo, noisy, corrupted, clean, annotated):
@@ -238,6 +240,13 @@ def _label_quality_counts(*, before, after, pseudo, noisy, corrupted, clean, ann
       # Soft labels can hurt without changing the rounded accuracy: keep the mean |Ŷ − Y| too.
       "annotated_abs_error_before": float(np.abs(before - clean_soft)[annotated_entries].sum()),
       "annotated_abs_error_after": float(np.abs(after - clean_soft)[annotated_entries].sum()),
+      # Multi-label tables are mostly negatives, so accuracy hides lost positives: count them.
+      "annotated_positives": int((clean & annotated_entries).sum()),
+      "positives_kept_before": int(((np.asarray(before) > 0.5) & clean & annotated_entries).sum()),
+      "positives_kept_after": int(((np.asarray(after) > 0.5) & clean & annotated_entries).sum()),
+      "missing_positives": int((clean & missing_entries).sum()),
+      "missing_positives_found_after": int(
+          ((np.asarray(after) > 0.5) & clean & missing_entries).sum()),
   }
 
 
@@ -250,8 +259,10 @@ def _label_quality_ratios(c: dict) -> dict:
   label) before/after this refinement on all annotated entries, on the annotated entries of
   corrupted samples and on missing-class entries; the share of hard (0/1) pseudo-labels `q` among
   the entries this refinement wrote (noisy samples' annotated entries and every missing entry);
-  the mean |Ŷ − Y_clean| on annotated entries before/after (soft labels show up only there).
-  None where a ratio is undefined."""
+  the mean |Ŷ − Y_clean| on annotated entries before/after (soft labels show up only there); the
+  recall of true positives in the table (Ŷ > 0.5 where the clean label is 1) on annotated entries
+  before/after and on missing-class entries after (tables are mostly negatives, so accuracy alone
+  hides positives the refinement erases). None where a ratio is undefined."""
   hard = _ratio(c["written_hard"], c["written_entries"])
   return {
       "flagged": c["flagged"],
@@ -265,6 +276,9 @@ def _label_quality_ratios(c: dict) -> dict:
       "corrupted_label_acc": _ratio(c["corrupted_correct_after"], c["corrupted_entries"]),
       "missing_label_acc_before": _ratio(c["missing_correct_before"], c["missing_entries"]),
       "missing_label_acc": _ratio(c["missing_correct_after"], c["missing_entries"]),
+      "positive_label_recall_before": _ratio(c["positives_kept_before"], c["annotated_positives"]),
+      "positive_label_recall": _ratio(c["positives_kept_after"], c["annotated_positives"]),
+      "missing_positive_recall": _ratio(c["missing_positives_found_after"], c["missing_positives"]),
       "hard_fraction": hard,
       "soft_fraction": None if hard is None else 1.0 - hard,
       **{k: c[k] for k in ("samples", "corrupted", "flagged_corrupted", "written_entries")},

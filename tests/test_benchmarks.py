@@ -1,0 +1,47 @@
+"""The round-time benchmark (benchmarks/round_time.py) runs end to end at a tiny size.
+
+Not a timed test: it only checks that both implementations run and that the JSON rows carry the
+keys issue #6 asks for. torch is the optional `bench` extra, so without it the test is skipped
+(also under CI=true).
+"""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+
+REQUIRED_KEYS = {"preset", "method", "impl", "seconds_per_round", "images_per_second",
+                 "compile_seconds"}
+SPLIT_KEYS = {"train_seconds", "refine_device_seconds", "refine_transfer_seconds",
+              "refine_host_seconds", "eval_seconds", "mfu", "model_flops_per_round"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="torch is not installed (optional: pip install -e .[bench]); the "
+                           "benchmark compares against a PyTorch round")
+def test_round_time_tiny_cpu_preset_writes_rows(tmp_path):
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  try:
+    import round_time  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.remove(str(REPO / "benchmarks"))
+  out = tmp_path / "rows.json"
+  argv = ["--preset=cpu", "--methods=fednml", "--rounds=1", "--clients=2",
+          "--train_per_client=16", "--local_epochs=2", "--matmul_size=128",
+          "--matmul_seconds=0.01", f"--out={out}"]
+  if not (SHARED_DATA / "rfmid_dev_64px.npz").exists():
+    argv.append("--synthetic")
+  round_time.main(argv)
+  rows = json.loads(out.read_text())
+  kinds = {(r["method"], r["round_kind"], r["impl"]) for r in rows}
+  assert kinds == {("fednml", kind, impl) for kind in ("phase2", "refinement")
+                   for impl in ("jax", "torch")}
+  for row in rows:
+    assert REQUIRED_KEYS | SPLIT_KEYS <= set(row), sorted(REQUIRED_KEYS | SPLIT_KEYS - set(row))
+    assert row["preset"] == "cpu" and row["seconds_per_round"] > 0
+    assert row["optimizer_steps"] == 2 * 2 * 1  # clients × epochs × ceil(16 / 32)
+    if row["round_kind"] == "refinement":
+      assert row["refine_device_seconds"] > 0 and row["refine_host_seconds"] > 0
