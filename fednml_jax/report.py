@@ -21,7 +21,7 @@ from absl import app, flags
 METRICS = ("mAP", "F1", "Recall", "BAcc")
 DIAGNOSTICS = ("flagged", "noisy_precision", "noisy_recall", "corrupted_label_acc_before",
                "corrupted_label_acc", "missing_label_acc_before", "missing_label_acc",
-               "hard_fraction")
+               "positive_label_recall_before", "positive_label_recall", "hard_fraction")
 
 
 def load_runs(root: str) -> list[dict]:
@@ -33,6 +33,14 @@ def load_runs(root: str) -> list[dict]:
     summary["workdir"] = str(path.parent)
     runs.append(summary)
   return runs
+
+
+def _records(run: dict):
+  """The metrics.jsonl records of a run (none when the file is absent)."""
+  path = os.path.join(run["workdir"], "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      yield from (json.loads(line) for line in f)
 
 
 def _mean_std(values):
@@ -73,16 +81,11 @@ def refinement_diagnostics(runs: list[dict]) -> str:
   """Markdown: per setting and refinement round, diagnostics averaged over seeds."""
   rows = collections.defaultdict(lambda: collections.defaultdict(list))
   for r in runs:
-    path = os.path.join(r["workdir"], "metrics.jsonl")
-    if not os.path.exists(path):
-      continue
-    with open(path) as f:
-      for line in f:
-        rec = json.loads(line)
-        if rec.get("kind") == "refinement":
-          key = (r["method"], r["noise_rate"], r["annotation_num"], rec["round"])
-          for d in DIAGNOSTICS:
-            rows[key][d].append(rec["overall"].get(d))
+    for rec in _records(r):
+      if rec.get("kind") == "refinement" and "overall" in rec:
+        key = (r["method"], r["noise_rate"], r["annotation_num"], rec["round"])
+        for d in DIAGNOSTICS:
+          rows[key][d].append(rec["overall"].get(d))
   if not rows:
     return "(no refinement records)"
   lines = ["| method | noise | annotated | round | " + " | ".join(DIAGNOSTICS) + " |",
@@ -101,15 +104,10 @@ def trajectory_table(runs: list[dict], split: str = "val") -> str:
   """Markdown: mean `split` mAP over seeds at every evaluated round, per method and setting."""
   curves = collections.defaultdict(lambda: collections.defaultdict(list))
   for r in runs:
-    path = os.path.join(r["workdir"], "metrics.jsonl")
-    if not os.path.exists(path):
-      continue
-    with open(path) as f:
-      for line in f:
-        rec = json.loads(line)
-        if rec.get("split") == split and rec["metrics"]["mAP"] is not None:
-          curves[(r["method"], r["noise_rate"], r["annotation_num"])][rec["round"]].append(
-              rec["metrics"]["mAP"])
+    for rec in _records(r):
+      if rec.get("split") == split and rec["metrics"]["mAP"] is not None:
+        curves[(r["method"], r["noise_rate"], r["annotation_num"])][rec["round"]].append(
+            rec["metrics"]["mAP"])
   rounds = sorted({rnd for curve in curves.values() for rnd in curve})
   lines = ["| method | noise | annotated | " + " | ".join(f"r{rnd}" for rnd in rounds) + " |",
            "|" + "---|" * (3 + len(rounds))]

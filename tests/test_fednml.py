@@ -1,10 +1,8 @@
 """Tests of fednml_jax.methods.fednml: the pure pieces with numbers worked by hand, the host step
 on a hand-made federation, and one short end-to-end run on the embedded data."""
 
-import importlib.util
 import json
 import math
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,13 +12,12 @@ from fednml_jax.config import base_config
 from fednml_jax.engine.clients import ClientLayout
 from fednml_jax.methods import METHODS, FederatedSetup, RoundContext
 
-from conftest import interrupt_then_resume
+from conftest import interrupt_then_resume, tiny_config
 from fednml_jax.methods.fednml import (FedNML, consistency_and_loss, fit_noise_gmm,
                                        hybrid_pseudo_labels, kd_weight, logit_adjusted_kd_loss,
                                        refine_label_table, update_class_counts)
 from fednml_jax.tasks import get_task
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_registered():
@@ -226,23 +223,9 @@ def test_before_round_survives_a_two_sample_client():
 
 # End to end ---------------------------------------------------------------------------------------
 def smoke_config():
-  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs",
-                                                                            "demo.py"))
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  config = demo.get_config()
-  config.method = "fednml"
-  config.rounds = 4
-  config.fednml.warmup_rounds = 2
-  config.fednml.refine_every = 1
-  config.eval.every = 2
-  config.checkpoint.every = 1
-  config.data.embedded_train = 200
-  config.data.embedded_val = 60
-  config.data.embedded_test = 100
-  config.model.width = 8
-  config.fl.local_epochs = 1
-  return config
+  return tiny_config(method="fednml", rounds=4, **{
+      "fednml.warmup_rounds": 2, "fednml.refine_every": 1, "eval.every": 2,
+      "checkpoint.every": 1})
 
 
 def _records(workdir):
