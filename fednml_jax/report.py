@@ -24,13 +24,31 @@ DIAGNOSTICS = ("flagged", "noisy_precision", "noisy_recall", "corrupted_label_ac
                "positive_label_recall_before", "positive_label_recall", "hard_fraction")
 
 
+def _variant(summary: dict, workdir: pathlib.Path) -> str:
+  """The method's name plus any of its own constants (`config.<method>.*`) that differ from their
+  defaults, e.g. `fednml[reference_label_init=True]`, so ablations get rows of their own."""
+  from fednml_jax import config as config_lib  # noqa: PLC0415
+  method = summary["method"]
+  path = workdir / "config.json"
+  if not path.exists():
+    return method
+  with open(path) as f:
+    saved = config_lib.flatten(json.load(f))
+  defaults = config_lib.flatten(config_lib.base_config())
+  changed = [f"{k.split('.', 1)[1]}={v}" for k, v in sorted(saved.items())
+             if k.startswith(method + ".") and k in defaults and v != defaults[k]]
+  return f"{method}[{', '.join(changed)}]" if changed else method
+
+
 def load_runs(root: str) -> list[dict]:
-  """The summaries under `root`, each with its folder as `workdir` (unfinished runs skipped)."""
+  """The summaries under `root`, each with its folder as `workdir` (unfinished runs skipped);
+  `method` becomes the method's variant label (see `_variant`)."""
   runs = []
   for path in sorted(pathlib.Path(root).rglob("summary.json")):
     with open(path) as f:
       summary = json.load(f)
     summary["workdir"] = str(path.parent)
+    summary["method"] = _variant(summary, path.parent)
     runs.append(summary)
   return runs
 
@@ -131,7 +149,7 @@ def label_table_quality(runs: list[dict]) -> str:
 
   rows = collections.defaultdict(lambda: collections.defaultdict(list))
   for r in runs:
-    if r["method"] != "fednml":
+    if not r["method"].startswith("fednml"):
       continue
     with open(os.path.join(r["workdir"], "config.json")) as f:
       config = config_lib.from_saved(json.load(f))
@@ -162,7 +180,7 @@ def label_table_quality(runs: list[dict]) -> str:
   return "\n".join(lines)
 
 
-_RUNS = flags.DEFINE_string("runs", None, "Folder whose sub-folders are run workdirs.")
+_RUNS = flags.DEFINE_list("runs", None, "Folder(s) whose sub-folders are run workdirs.")
 _OUT = flags.DEFINE_string("out", None, "Markdown file to write (default: print).")
 _AT = flags.DEFINE_enum("at", "best_val", ["best_val", "final"], "Which round's test metrics.")
 _LABEL_TABLES = flags.DEFINE_bool("label_tables", False, "Also read FedNML runs' final label "
@@ -171,7 +189,7 @@ _LABEL_TABLES = flags.DEFINE_bool("label_tables", False, "Also read FedNML runs'
 
 def main(argv):
   del argv
-  runs = load_runs(_RUNS.value)
+  runs = [run for root in _RUNS.value for run in load_runs(root)]
   if not runs:
     raise app.UsageError(f"no summary.json below {_RUNS.value}")
   at = "test_at_best_val" if _AT.value == "best_val" else "test_final"
