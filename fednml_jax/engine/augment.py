@@ -49,3 +49,12 @@ def weak_augment(key, images, max_degrees: float, max_translate: float, hflip: b
     return images
   keys = jax.random.split(key, images.shape[0])
   return jax.vmap(lambda k, x: _affine_one(k, x, max_degrees, max_translate, hflip))(keys, images)
+
+
+def weak_view(key, raw_images, augment_cfg, mean, std):
+  """The training view of uint8 images: scaled to [0, 1], weakly augmented (`augment_cfg`:
+  rotation_degrees, translate, hflip), then standardised. Local training and FedNML's refinement
+  pass both use it, so they see the same view."""
+  x = raw_images.astype(jnp.float32) / 255.0
+  x = weak_augment(key, x, augment_cfg.rotation_degrees, augment_cfg.translate, augment_cfg.hflip)
+  return (x - mean) / std

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fednml_jax.engine import augment
@@ -47,10 +46,7 @@ def make_predict_clients(model, task, image_mean, image_std, augment_cfg):
     keys = jax.random.split(key, sample_index.shape[0])
 
     def one_client(idx, k):
-      x = images[idx].astype(jnp.float32) / 255.0
-      x = augment.weak_augment(k, x, augment_cfg.rotation_degrees, augment_cfg.translate,
-                               augment_cfg.hflip)
-      x = (x - image_mean) / image_std
+      x = augment.weak_view(k, images[idx], augment_cfg, image_mean, image_std)
       return task.probabilities(model.apply(variables, x, train=False))
 
     return jax.lax.map(lambda a: one_client(*a), (sample_index, keys))

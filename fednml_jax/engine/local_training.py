@@ -70,12 +70,6 @@ def make_client_update(*, model, method, phase, optimizer: optax.GradientTransfo
   """
   use_teacher = method.uses_teacher(phase)
 
-  def view(key, raw_images):
-    x = raw_images.astype(jnp.float32) / 255.0
-    x = augment.weak_augment(key, x, augment_cfg.rotation_degrees, augment_cfg.translate,
-                             augment_cfg.hflip)
-    return (x - image_mean) / image_std
-
   def client_update(global_vars, images, client, scalars, key):
     per_sample, per_client, count = client["per_sample"], client["per_client"], client["count"]
     plan_key, step_key = jax.random.split(key)
@@ -88,7 +82,7 @@ def make_client_update(*, model, method, phase, optimizer: optax.GradientTransfo
       params, batch_stats, opt_state = carry
       slot, weight, k = xs
       batch = {name: value[slot] for name, value in per_sample.items()}
-      x = view(k, images[batch["sample_index"]])
+      x = augment.weak_view(k, images[batch["sample_index"]], augment_cfg, image_mean, image_std)
       teacher_logits = None
       if use_teacher:
         teacher_logits = jax.lax.stop_gradient(model.apply(global_vars, x, train=False))

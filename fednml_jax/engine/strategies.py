@@ -18,9 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-STRATEGIES = ("auto", "vmap", "shard", "loop")
-
-
 def resolve_strategy(name: str) -> str:
   if name != "auto":
     return name
