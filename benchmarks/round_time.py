@@ -273,14 +273,14 @@ class JaxRunner:
       self._add("refine", time.perf_counter() - start)
       return out
 
-    def timed_predict_train(variables, rnd):
+    def timed_predict_train(variables, rnd, with_features=False):
       # Experiment.predict_train, with the device result awaited before the transfer.
       key = jax.random.fold_in(jax.random.fold_in(exp.run_key, train.STREAM_REFINE), rnd)
       start = time.perf_counter()
-      probs = jax.block_until_ready(exp._predict_clients(  # pylint: disable=protected-access
+      probs = jax.block_until_ready(exp._predict_clients[with_features](  # pylint: disable=protected-access
           variables, exp.train_images, exp._device_sample_index, key))  # pylint: disable=protected-access
       mid = time.perf_counter()
-      host = np.asarray(probs)
+      host = jax.tree.map(np.asarray, probs)
       self._add("refine_device", mid - start)
       self._add("refine_transfer", time.perf_counter() - mid)
       return host

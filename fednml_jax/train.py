@@ -168,8 +168,10 @@ class Experiment:
     self.eval_labels = {"val": dataset.val.labels, "test": dataset.test.labels}
     self._predict = inference.make_predict(self.model, self.task, self.image_mean,
                                            self.image_std, chunk)
-    self._predict_clients = inference.make_predict_clients(
-        self.model, self.task, self.image_mean, self.image_std, config.augment)
+    self._predict_clients = {
+        with_features: inference.make_predict_clients(
+            self.model, self.task, self.image_mean, self.image_std, config.augment,
+            with_features=with_features) for with_features in (False, True)}
     self._device_sample_index = jax.device_put(layout.sample_index)
     self.programs: dict[str, strategies.RoundProgram] = {}
     self._clients = None  # device copy of the method's client arrays
@@ -204,10 +206,12 @@ class Experiment:
   def compiled_programs(self) -> int:
     return sum(p.traces for p in self.programs.values())
 
-  def predict_train(self, variables, rnd: int) -> np.ndarray:
+  def predict_train(self, variables, rnd: int, with_features: bool = False):
+    """The global model's probabilities (and features) on every client's slots, weak view."""
     key = jax.random.fold_in(jax.random.fold_in(self.run_key, STREAM_REFINE), rnd)
-    return np.asarray(self._predict_clients(variables, self.train_images,
-                                            self._device_sample_index, key))
+    out = self._predict_clients[with_features](variables, self.train_images,
+                                               self._device_sample_index, key)
+    return jax.tree.map(np.asarray, out)
 
   def run_round(self, rnd: int, variables, method_state):
     """Host step, then every client's local training and the aggregation of round `rnd`.
@@ -216,7 +220,8 @@ class Experiment:
     """
     records = []
     ctx = RoundContext(round=rnd, global_vars=variables,
-                       predict_train=lambda: self.predict_train(variables, rnd))
+                       predict_train=lambda with_features=False: self.predict_train(
+                           variables, rnd, with_features))
     method_state, changed, host_log = self.method.before_round(ctx, method_state)
     if host_log:
       records.append({"round": rnd, "split": "train", "kind": "refinement", **host_log})
@@ -226,7 +231,7 @@ class Experiment:
     phase = self.method.phase(rnd)
     scalars = {k: jnp.float32(v) for k, v in self.method.scalars(rnd, method_state).items()}
     round_key = jax.random.fold_in(jax.random.fold_in(self.run_key, STREAM_TRAIN), rnd)
-    new_variables, client_losses, _ = self.program_for(phase)(
+    new_variables, client_losses, _, client_outputs = self.program_for(phase)(
         variables, self.train_images, self._clients, scalars, round_key)
     client_losses = np.asarray(client_losses)[:self.layout.num_real_clients]
     if not np.all(np.isfinite(client_losses)):
@@ -234,6 +239,12 @@ class Experiment:
       raise NumericalError(rnd, bad, float(client_losses[bad]))
     records.append({"round": rnd, "split": "train", "phase": phase,
                     "client_loss": client_losses.tolist()})
+    method_state, changed, host_log = self.method.after_round(
+        rnd, method_state, jax.tree.map(np.asarray, client_outputs))
+    if changed:
+      self._clients = None  # rebuilt from the new state before the next round
+    if host_log:
+      records.append({"round": rnd, "split": "train", "kind": "after_round", **host_log})
     return new_variables, method_state, records
 
   def evaluate(self, variables) -> dict:

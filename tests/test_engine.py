@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from fednml_jax import aggregation, train
-from fednml_jax.engine import local_training
+from fednml_jax.engine import augment, local_training
 from fednml_jax.engine.clients import ClientLayout
+from fednml_jax.methods.fedavg import FedAvg
 
 from conftest import tiny_config
 
@@ -87,3 +88,83 @@ def test_same_seed_same_result_and_other_seed_differs(tmp_path):
   c = train.train_and_evaluate(tiny_config(seed=1), str(tmp_path / "c"))
   assert a["test_final"] == b["test_final"]
   assert a["test_final"] != c["test_final"]
+
+
+class _ProbeMethod(FedAvg):
+  """FedAvg plus a per-sample trainable offset in the loss, counters in the local state and the
+  client's logits on all its slots as its local output: exercises every local hook."""
+
+  name = "fedavg"  # runs in FedAvg's config; the probe is swapped in after construction
+
+  def __init__(self, config, setup):
+    super().__init__(config, setup)
+    self.seen = []
+
+  def init_local(self, phase, frame, key):
+    slots = frame.per_sample["valid"].shape[0]
+    return {"trainable": jnp.zeros(slots), "grad_sum": jnp.zeros(slots),
+            "epochs": jnp.int32(0), "active_steps": jnp.int32(0)}
+
+  def local_loss(self, phase, ctx):
+    per_sample, aux = super().local_loss(phase, ctx)
+    return per_sample + ctx.local["trainable"][ctx.slot], aux
+
+  def update_local(self, phase, local, *, grads, active, epoch_end, **unused):
+    return dict(local, grad_sum=local["grad_sum"] + grads, epochs=local["epochs"] + epoch_end,
+                active_steps=local["active_steps"] + active)
+
+  def local_output(self, phase, local, *, frame, variables):
+    logits, features = frame.predict_all(variables)
+    return {"grad_sum": local["grad_sum"], "epochs": local["epochs"],
+            "active_steps": local["active_steps"], "logits": logits, "features": features}
+
+  def after_round(self, rnd, state, outputs):
+    self.seen.append(outputs)
+    return state, False, {"probe_round": rnd}
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_local_hooks_carry_state_gradients_and_outputs(strategy):
+  config = tiny_config(**{"fl.strategy": strategy, "fl.local_epochs": 2})
+  experiment = train.Experiment(config)
+  probe = experiment.method = _ProbeMethod(config, experiment.setup)
+  variables = experiment.initial_variables()
+  new_variables, _, records = experiment.run_round(0, variables, probe.init_state())
+  assert records[-1] == {"round": 0, "split": "train", "kind": "after_round", "probe_round": 0}
+  out = probe.seen[0]
+  layout = experiment.layout
+  batch = config.fl.batch_size
+  for k in range(layout.num_real_clients):
+    steps = -(-int(layout.counts[k]) // batch)  # non-empty steps per epoch: ceil(n_k / B)
+    assert int(out["epochs"][k]) == 2 and int(out["active_steps"][k]) == 2 * steps
+    # d(Σ w·(ℓ + t[slot]) / Σ w)/dt sums to 1 over each non-empty batch, 0 on padding slots.
+    grad_sum = out["grad_sum"][k]
+    np.testing.assert_allclose(grad_sum.sum(), 2 * steps, rtol=1e-5)
+    assert np.all(grad_sum[~layout.valid[k]] == 0) and np.all(grad_sum[layout.valid[k]] > 0)
+  # `predict_all` is client k's own model in eval mode on its slots (plain view).
+  client_vars = jax.tree.map(lambda a: a[1], experiment.program_for("train")(
+      variables, experiment.train_images, experiment._clients, {},
+      jax.random.fold_in(jax.random.fold_in(experiment.run_key, train.STREAM_TRAIN), 0))[2])
+  images = experiment.dataset.train.images[layout.sample_index[1][layout.valid[1]]]
+  x = augment.normalise(jnp.asarray(images), experiment.image_mean, experiment.image_std)
+  expected = experiment.model.apply(client_vars, x, train=False)
+  np.testing.assert_allclose(out["logits"][1][layout.valid[1]], expected, rtol=1e-4, atol=1e-5)
+  assert out["features"].shape[:2] == out["logits"].shape[:2]
+  assert jax.tree.leaves(new_variables)
+
+
+def test_strong_view_is_random_per_image_and_stays_in_range():
+  raw = jnp.asarray(np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3)), jnp.uint8)
+  x = raw.astype(jnp.float32) / 255.0
+  a = augment.strong_augment(jax.random.PRNGKey(0), x)
+  b = augment.strong_augment(jax.random.PRNGKey(0), x)
+  c = augment.strong_augment(jax.random.PRNGKey(1), x)
+  assert a.shape == x.shape
+  np.testing.assert_array_equal(a, b)  # a function of the key
+  assert not np.allclose(a, c) and not np.allclose(a, x)
+  assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0 + 1e-6
+  # With every random choice off, the affine map is the identity.
+  same = augment._affine_one(x[0], 0.0, jnp.zeros(2), 1.0, False, False)
+  np.testing.assert_allclose(same, x[0], atol=1e-5)
+  flipped = augment._affine_one(x[0], 0.0, jnp.zeros(2), 1.0, False, True)
+  np.testing.assert_allclose(flipped, x[0][::-1], atol=1e-5)

@@ -2,7 +2,8 @@
 
 The weak view is the reference's `RandomAffine(degrees=10, translate=(0.02, 0.02))` +
 `RandomHorizontalFlip()`: each image gets its own rotation angle, shift and flip, applied by inverse
-mapping with bilinear interpolation and zero fill, as torchvision does. Images stay uint8 on the
+mapping with bilinear interpolation and zero fill, as torchvision does. The strong view is FedLSM's
+(flips, brightness, blur or noise, shift-scale-rotate), for methods that train on two views. Images stay uint8 on the
 device until they are augmented.
 """
 
@@ -18,24 +19,23 @@ def normalise(images_uint8, mean, std):
   return (images_uint8.astype(jnp.float32) / 255.0 - mean) / std
 
 
-def _affine_one(key, image, max_degrees, max_translate, hflip):
-  """One (H, W, C) float image under a random rotation, translation and horizontal flip."""
+def _affine_one(image, angle_deg, shift_frac, scale, hflip, vflip):
+  """One (H, W, C) float image under a rotation by `angle_deg`, a shift by `shift_frac`·(H, W), a
+  zoom by `scale` (about the centre) and optional flips, by inverse mapping with bilinear
+  interpolation and zero fill (torchvision's and albumentations' `border_mode=0`)."""
   h, w, _ = image.shape
-  k_angle, k_shift, k_flip = jax.random.split(key, 3)
-  angle = jnp.deg2rad(jax.random.uniform(k_angle, (), minval=-max_degrees, maxval=max_degrees))
-  # torchvision draws an integer pixel shift in [-t·size, t·size]; a continuous shift is as good.
-  shift = jax.random.uniform(k_shift, (2,), minval=-1.0, maxval=1.0) * max_translate * jnp.array(
-      [h, w], jnp.float32)
-  flip = jnp.logical_and(hflip, jax.random.bernoulli(k_flip))
+  angle = jnp.deg2rad(angle_deg)
+  shift = shift_frac * jnp.array([h, w], jnp.float32)
   yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
                         indexing="ij")
   cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-  # Output pixel p reads the source at R^{-1}(p - c - t) + c.
-  dy, dx = yy - cy - shift[0], xx - cx - shift[1]
+  # Output pixel p reads the source at R^{-1}(p - c - t)/s + c.
+  dy, dx = (yy - cy - shift[0]) / scale, (xx - cx - shift[1]) / scale
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   src_y = cos * dy - sin * dx + cy
   src_x = sin * dy + cos * dx + cx
-  src_x = jnp.where(flip, (w - 1) - src_x, src_x)
+  src_x = jnp.where(hflip, (w - 1) - src_x, src_x)
+  src_y = jnp.where(vflip, (h - 1) - src_y, src_y)
 
   def sample(channel):
     return ndimage.map_coordinates(channel, [src_y, src_x], order=1, mode="constant", cval=0.0)
@@ -43,12 +43,60 @@ def _affine_one(key, image, max_degrees, max_translate, hflip):
   return jax.vmap(sample, in_axes=-1, out_axes=-1)(image)
 
 
+def _uniform(key, limit, shape=()):
+  return jax.random.uniform(key, shape, minval=-limit, maxval=limit)
+
+
 def weak_augment(key, images, max_degrees: float, max_translate: float, hflip: bool):
-  """A batch (B, H, W, C) of float images, each under its own random affine map and flip."""
+  """A batch (B, H, W, C) of float images, each under its own random rotation in ±max_degrees,
+  shift in ±max_translate of the size (torchvision draws an integer pixel shift; a continuous one is
+  as good) and, when `hflip`, a horizontal flip with probability 1/2."""
   if max_degrees == 0 and max_translate == 0 and not hflip:
     return images
-  keys = jax.random.split(key, images.shape[0])
-  return jax.vmap(lambda k, x: _affine_one(k, x, max_degrees, max_translate, hflip))(keys, images)
+
+  def one(k, x):
+    k_angle, k_shift, k_flip = jax.random.split(k, 3)
+    flip = jnp.logical_and(hflip, jax.random.bernoulli(k_flip))
+    return _affine_one(x, _uniform(k_angle, max_degrees), _uniform(k_shift, max_translate, (2,)),
+                       1.0, flip, False)
+
+  return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
+
+
+def _gaussian_blur(image, sigma):
+  """(H, W, C) image blurred by a 5-tap Gaussian of standard deviation `sigma` (edge-padded)."""
+  taps = jnp.arange(-2.0, 3.0)
+  kernel = jnp.exp(-0.5 * (taps / sigma) ** 2)
+  kernel = kernel / jnp.sum(kernel)
+  padded = jnp.pad(image, ((2, 2), (2, 2), (0, 0)), mode="edge")
+  h, w, _ = image.shape
+  rows = sum(kernel[i] * padded[i:i + h] for i in range(5))
+  return sum(kernel[i] * rows[:, i:i + w] for i in range(5))
+
+
+def strong_augment(key, images):
+  """FedLSM's strong view (its albumentations pipeline) on a batch (B, H, W, C) of [0, 1] images:
+  vertical and horizontal flips (p = 1/2 each); brightness shifted by U(−0.2, 0.2) (p = 0.75); one
+  of Gaussian blur (σ ∈ U(0.3, 1.1), a 5-tap kernel; it also stands in for the median blur) or
+  Gaussian noise (variance U(5, 30) on the 0–255 scale), p = 0.7; shift ±0.1, zoom 1 ± 0.1 and
+  rotation ±15° with zero border (p = 0.85)."""
+
+  def one(k, x):
+    ks = jax.random.split(k, 12)
+    hflip, vflip = jax.random.bernoulli(ks[0]), jax.random.bernoulli(ks[1])
+    bright = jnp.where(jax.random.bernoulli(ks[2], 0.75), _uniform(ks[3], 0.2), 0.0)
+    x = jnp.clip(x + bright, 0.0, 1.0)
+    blurred = _gaussian_blur(x, jax.random.uniform(ks[4], minval=0.3, maxval=1.1))
+    noise_std = jnp.sqrt(jax.random.uniform(ks[5], minval=5.0, maxval=30.0)) / 255.0
+    noisy = jnp.clip(x + noise_std * jax.random.normal(ks[6], x.shape), 0.0, 1.0)
+    degraded = jnp.where(jax.random.bernoulli(ks[7]), blurred, noisy)
+    x = jnp.where(jax.random.bernoulli(ks[8], 0.7), degraded, x)
+    move = jax.random.bernoulli(ks[9], 0.85)
+    angle = jnp.where(move, _uniform(ks[10], 15.0), 0.0)
+    shift_scale = jnp.where(move, _uniform(ks[11], 0.1, (3,)), 0.0)
+    return _affine_one(x, angle, shift_scale[:2], 1.0 + shift_scale[2], hflip, vflip)
+
+  return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
 
 
 def weak_view(key, raw_images, augment_cfg, mean, std):
@@ -58,3 +106,22 @@ def weak_view(key, raw_images, augment_cfg, mean, std):
   x = raw_images.astype(jnp.float32) / 255.0
   x = weak_augment(key, x, augment_cfg.rotation_degrees, augment_cfg.translate, augment_cfg.hflip)
   return (x - mean) / std
+
+
+class Views:
+  """The views of a batch of uint8 images a method may train on, standardised with the dataset's
+  channel statistics: `weak` (the reference's training transform, `weak_view`), `strong`
+  (`strong_augment`) and `plain` (no augmentation)."""
+
+  def __init__(self, augment_cfg, mean, std):
+    self.augment_cfg, self.mean, self.std = augment_cfg, mean, std
+
+  def weak(self, key, raw_images):
+    return weak_view(key, raw_images, self.augment_cfg, self.mean, self.std)
+
+  def strong(self, key, raw_images):
+    x = strong_augment(key, raw_images.astype(jnp.float32) / 255.0)
+    return (x - self.mean) / self.std
+
+  def plain(self, raw_images):
+    return normalise(raw_images, self.mean, self.std)

@@ -36,10 +36,11 @@ def make_predict(model, task, image_mean, image_std, chunk: int):
   return predict
 
 
-def make_predict_clients(model, task, image_mean, image_std, augment_cfg):
+def make_predict_clients(model, task, image_mean, image_std, augment_cfg, with_features=False):
   """`predict(variables, images, sample_index, key) -> (K, n_max, C)` probabilities on every
   client's training samples, under the weak view (as the reference's refinement pass does), in one
-  jitted call; the host pulls the result once."""
+  jitted call; the host pulls the result once. With `with_features`, `(probabilities, (K, n_max, D)
+  penultimate features)`."""
 
   @jax.jit
   def predict(variables, images, sample_index, key):
@@ -47,7 +48,9 @@ def make_predict_clients(model, task, image_mean, image_std, augment_cfg):
 
     def one_client(idx, k):
       x = augment.weak_view(k, images[idx], augment_cfg, image_mean, image_std)
-      return task.probabilities(model.apply(variables, x, train=False))
+      logits, features = model.apply(variables, x, train=False, return_features=True)
+      probs = task.probabilities(logits)
+      return (probs, features.astype(probs.dtype)) if with_features else probs
 
     return jax.lax.map(lambda a: one_client(*a), (sample_index, keys))
 

@@ -38,7 +38,8 @@ class RoundProgram:
   """Runs all clients' local training for one round and aggregates, for one method phase.
 
   `__call__(global_vars, images, clients, scalars, round_key) -> (new_global_vars, client_losses,
-  client_vars)`; `client_vars` are the stacked local models (methods that inspect them use them).
+  client_vars, client_outputs)`; `client_vars` are the stacked local models and `client_outputs`
+  the stacked `local_output`s of the method (both with a leading client axis).
   """
 
   def __init__(self, strategy: str, client_update, aggregate):
@@ -57,8 +58,8 @@ class RoundProgram:
           global_vars, images, clients, scalars, keys)
 
     def train_and_aggregate(global_vars, images, clients, scalars, round_key):
-      client_vars, losses = train_all(global_vars, images, clients, scalars, round_key)
-      return aggregate(client_vars, clients, global_vars), losses, client_vars
+      client_vars, losses, outputs = train_all(global_vars, images, clients, scalars, round_key)
+      return aggregate(client_vars, clients, global_vars), losses, client_vars, outputs
 
     if strategy in ("vmap", "shard"):
       self._round = jax.jit(counted(train_and_aggregate))
@@ -75,9 +76,9 @@ class RoundProgram:
     keys = client_keys(round_key, num_clients)
     outputs = [self._client(global_vars, images, jax.tree.map(lambda a: a[k], clients), scalars,
                             keys[k]) for k in range(num_clients)]
-    client_vars = jax.tree.map(lambda *xs: jnp.stack(xs), *[o[0] for o in outputs])
-    losses = jnp.stack([o[1] for o in outputs])
-    return self._aggregate(client_vars, clients, global_vars), losses, client_vars
+    stack = lambda i: jax.tree.map(lambda *xs: jnp.stack(xs), *[o[i] for o in outputs])  # noqa: E731
+    client_vars, losses, client_outputs = stack(0), stack(1), stack(2)
+    return self._aggregate(client_vars, clients, global_vars), losses, client_vars, client_outputs
 
 
 def place_clients(strategy: str, clients):

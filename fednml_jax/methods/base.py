@@ -8,9 +8,18 @@ A method is a small object of pure pieces, named after the paper's pseudo-code:
 - `client_arrays(state)`: the per-sample (K, n_max, ...) and per-client (K, ...) arrays the clients
   train on, put on the device when they change.
 - `scalars(round, state)`: round-dependent numbers (traced, so they do not trigger recompilation).
-- `client_loss(...)`: the per-sample training loss inside the jitted local step.
+- `local_loss(phase, ctx)`: the per-sample training loss of one local step, from a
+  `engine.local_training.LocalBatch` (views of the batch, the student model, the global model, the
+  method's local state). The default runs the student on the weak view and calls the simpler
+  `client_loss(...)`, which is all most methods need to write.
 - `penalty(...)`: an optional regulariser on the parameters (e.g. FedProx's proximal term).
+- `init_local` / `update_local` / `local_output`: a local state carried through the client's
+  local steps (e.g. an EMA teacher, per-sample label logits whose `trainable` entry receives
+  gradients), its update after each optimizer step, and what the client returns to the host.
+- `after_round(...)`: host work on the clients' `local_output`s after the round.
 - `aggregate(...)`: the server's rule, on client variables stacked on a leading axis.
+
+`supported_tasks` names the task types (`config.task`) a method's losses are written for.
 """
 
 from __future__ import annotations
@@ -49,13 +58,16 @@ class RoundContext:
 
   round: int
   global_vars: Any
-  predict_train: Any  # callable(view: str) -> (K, n_max, C) global-model probabilities (numpy)
+  # callable(with_features=False) -> (K, n_max, C) global-model probabilities on every client's
+  # training slots under the weak view (numpy), or (probabilities, (K, n_max, D) features).
+  predict_train: Any
 
 
 class Method:
   """Defaults shared by every method: one phase, no host state, `config.aggregation`."""
 
   name = "base"
+  supported_tasks = ("multilabel", "singlelabel")
 
   def __init__(self, config, setup: FederatedSetup):
     self.config = config
@@ -95,13 +107,47 @@ class Method:
     del rnd, state
     return {}
 
+  def after_round(self, rnd: int, state: dict, outputs: dict) -> tuple[dict, bool, dict]:
+    """Host work after round `rnd` on the clients' stacked `local_output`s (numpy, padding clients
+    included): returns (state, client_arrays_changed, log_record)."""
+    del rnd, outputs
+    return state, False, {}
+
   # Device side (traced) ------------------------------------------------------------------------
+  def local_loss(self, phase, ctx):
+    """Per-sample loss (B,) and an aux pytree for `update_local`, for one `LocalBatch`."""
+    x = ctx.view("weak")
+    logits, _ = ctx.student(x)
+    teacher_logits = ctx.frame.teacher_logits(x) if self.uses_teacher(phase) else None
+    per_sample = self.client_loss(phase, logits=logits, batch=ctx.batch, client=ctx.frame.client,
+                                  teacher_logits=teacher_logits, scalars=ctx.frame.scalars)
+    return per_sample, {}
+
   def client_loss(self, phase, *, logits, batch, client, teacher_logits, scalars):
     raise NotImplementedError
 
-  def penalty(self, phase, *, params, global_params, scalars):
-    del phase, params, global_params, scalars
+  def penalty(self, phase, *, params, global_params, client, scalars):
+    del phase, params, global_params, client, scalars
     return jnp.float32(0.0)
+
+  def init_local(self, phase, frame, key) -> dict:
+    """The local state at the start of a client's round (a dict pytree; `trainable` receives
+    gradients)."""
+    del phase, frame, key
+    return {}
+
+  def update_local(self, phase, local, *, frame, grads, aux, slot, weight, active, epoch_end,
+                   params, batch_stats) -> dict:
+    """The local state after one optimizer step. `grads` are the loss's gradients with respect to
+    `local["trainable"]`; `active` is False on a step whose batch is all padding; `epoch_end` is
+    True on the last step of each local epoch; `params` / `batch_stats` are the updated model's."""
+    del phase, frame, grads, aux, slot, weight, active, epoch_end, params, batch_stats
+    return local
+
+  def local_output(self, phase, local, *, frame, variables):
+    """What the client sends back to the host besides its variables (a pytree; `{}`)."""
+    del phase, local, frame, variables
+    return {}
 
   def aggregate(self, client_vars, clients, global_vars):
     """`config.aggregation` (default "mean": the weighted mean) with weights from
