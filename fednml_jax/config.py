@@ -21,12 +21,14 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = "fedavg"
   c.compare = ""  # e.g. "fedavg,fednml": run each method in workdir/<method>/, print one table
-  c.task = "multilabel"
+  c.task = "multilabel"  # multilabel (sigmoid per class) | singlelabel (softmax; README)
   c.seed = 0
   c.rounds = 100
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "embedded"  # embedded | npz | mured | rfmid | brset
+  # embedded (multi-label digit mosaics) | embedded_digits (one digit per image, for
+  # task = singlelabel) | npz | mured | rfmid | brset
+  c.data.source = "embedded"
   c.data.path = ""  # file (npz) or folder (mured/rfmid/brset)
   c.data.image_size = 256  # resize target of the CSV + image-folder sources
   c.data.cache_dir = ""  # where prepared caches go; default: inside data.path
@@ -38,6 +40,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.labels = ml_collections.ConfigDict()
   c.labels.noise_rate = 0.0  # fraction of each client's samples whose labels are corrupted
+  # None = the task's default. multilabel: multilabel_instance (ALGORITHMS.md §1, the only one);
+  # singlelabel: symmetric (default; to another class) | pair (c -> c+1) | instance (Xia et al.)
+  c.labels.noise_type = config_dict.placeholder(str)
+  # singlelabel only, FedCorr's heterogeneous noise: each client is noisy with this probability,
+  # at a rate drawn from U(min_client_noise, 1); the others are clean. None = noise_rate for all.
+  c.labels.noisy_client_fraction = config_dict.placeholder(float)
+  c.labels.min_client_noise = 0.5
   c.labels.annotation_num = config_dict.placeholder(int)  # classes each client annotates; None = all
   c.labels.partition = "iid"  # iid | dirichlet
   c.labels.dirichlet_alpha = 1.0
@@ -83,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 5  # save every this many rounds, and after the last round
   c.checkpoint.keep = 2  # keep the newest this many checkpoints
   c.resume = "auto"  # auto | require | fresh | force (see README: Resuming)
+  c.plots = False  # diagnostic PNGs in <workdir>/plots/ (FedNML's GMM fits); needs matplotlib
 
   # Each method's own constants live under config.<method name>, defined in its module.
   from fednml_jax.methods import method_config_defaults
@@ -135,8 +145,8 @@ def cpu_setting(path: str, annotation_num: int) -> ml_collections.ConfigDict:
 
 
 VALID_CHOICES = {
-    "task": ("multilabel",),
-    "data.source": ("embedded", "npz", "mured", "rfmid", "brset"),
+    "task": ("multilabel", "singlelabel"),
+    "data.source": ("embedded", "embedded_digits", "npz", "mured", "rfmid", "brset"),
     "labels.partition": ("iid", "dirichlet"),
     "fl.strategy": ("auto", "vmap", "shard", "loop"),
     "fl.client_weighting": ("sample_count", "uniform"),
@@ -148,6 +158,12 @@ VALID_CHOICES = {
     "eval.select_on": ("val", "test"),
     "resume": ("auto", "require", "fresh", "force"),
 }
+
+
+def noise_type(cfg) -> str:
+  """`labels.noise_type`, or the task's default when it is None."""
+  from fednml_jax.corruption import NOISE_TYPES
+  return cfg.labels.noise_type or NOISE_TYPES[cfg.task][0]
 
 
 def _flatten(cfg, prefix=""):
@@ -186,6 +202,7 @@ def validate(cfg) -> None:
   for key, choices in VALID_CHOICES.items():
     if given.get(key) not in choices:
       raise ConfigError(f"config.{key} = {given.get(key)!r} is not one of {list(choices)}.")
+  _validate_task(cfg, METHODS)
   checks = [
       ("rounds", cfg.rounds >= 1, "at least 1"),
       ("labels.noise_rate", 0.0 <= cfg.labels.noise_rate < 1.0, "in [0, 1)"),
@@ -213,6 +230,9 @@ def validate(cfg) -> None:
   for key, ok, what in checks:
     if not ok:
       raise ConfigError(f"config.{key} = {given[key]!r} must be {what}.")
+  if cfg.plots:
+    from fednml_jax.plots import require_matplotlib  # noqa: PLC0415
+    require_matplotlib()
   krum_min_clients = cfg.aggregation_options.num_byzantine + 3
   if cfg.aggregation == "krum" and cfg.fl.num_clients < krum_min_clients:
     raise ConfigError(f"config.aggregation = 'krum' scores each client by its "
@@ -226,6 +246,48 @@ def validate(cfg) -> None:
   if cfg.data.source in ("npz", "mured", "rfmid", "brset") and not cfg.data.path:
     raise ConfigError(f"config.data.source = {cfg.data.source!r} needs config.data.path (the "
                       "file or folder holding the data).")
+
+
+def _validate_task(cfg, methods) -> None:
+  """The methods, noise type and data source must fit `config.task`."""
+  from fednml_jax.corruption import NOISE_TYPES
+  task = cfg.task
+  supported = lambda cls: tuple(cls.supported_tasks)  # noqa: E731
+  for method in [cfg.method] + [m for m in cfg.compare.split(",") if m]:
+    if task not in supported(methods[method]):
+      supporting = sorted(name for name, cls in methods.items() if task in supported(cls))
+      raise ConfigError(f"Method {method!r} does not support config.task = {task!r} (its losses "
+                        f"are written for {list(supported(methods[method]))}); the methods that "
+                        f"support {task!r} are {supporting}.")
+  kind = noise_type(cfg)
+  if kind not in NOISE_TYPES[task]:
+    owner = next((t for t, kinds in NOISE_TYPES.items() if kind in kinds), None)
+    what = f"a {owner} noise type" if owner else "not a noise type"
+    raise ConfigError(f"config.labels.noise_type = {kind!r} is {what}; with config.task = "
+                      f"{task!r} it must be one of {list(NOISE_TYPES[task])} (or None for "
+                      f"{NOISE_TYPES[task][0]!r}).")
+  fraction = cfg.labels.noisy_client_fraction
+  if fraction is not None:
+    if task != "singlelabel":
+      raise ConfigError("config.labels.noisy_client_fraction (heterogeneous client noise rates) "
+                        "needs config.task = 'singlelabel'; the multi-label noise uses "
+                        "labels.noise_rate on every client. Set it to None.")
+    if not 0.0 <= fraction <= 1.0:
+      raise ConfigError(f"config.labels.noisy_client_fraction = {fraction!r} must be in [0, 1] "
+                        "(the probability that a client is noisy).")
+    if cfg.labels.noise_rate != 0.0:
+      raise ConfigError(f"config.labels.noise_rate = {cfg.labels.noise_rate} and "
+                        f"config.labels.noisy_client_fraction = {fraction} both set the client "
+                        "noise rates: set noise_rate = 0 to draw heterogeneous rates "
+                        "(U(min_client_noise, 1) on noisy clients), or "
+                        "noisy_client_fraction = None for one fixed rate.")
+  if not 0.0 <= cfg.labels.min_client_noise < 1.0:
+    raise ConfigError(f"config.labels.min_client_noise = {cfg.labels.min_client_noise!r} must be "
+                      "in [0, 1).")
+  if task == "singlelabel" and cfg.data.source == "embedded":
+    raise ConfigError("config.data.source = 'embedded' is the multi-label digit mosaics; with "
+                      "config.task = 'singlelabel' use config.data.source = 'embedded_digits' "
+                      "(one digit per image).")
 
 
 def from_saved(saved: dict) -> ml_collections.ConfigDict:

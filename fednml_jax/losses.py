@@ -24,6 +24,13 @@ def masked_bce_with_logits(logits, targets, class_mask):
   return jnp.sum(per_entry * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
 
 
+def softmax_cross_entropy(logits, targets):
+  """Cross-entropy `−Σ_c t_c·log softmax(z)_c` per sample; shape (B,). `targets` (B, C) are one-hot
+  or soft (rows on the simplex); with one-hot targets this is PyTorch's `CrossEntropyLoss` per
+  sample."""
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets.astype(jnp.float32))
+
+
 def weighted_batch_mean(per_sample, weight):
   """Σ w_i·ℓ_i / Σ w_i, and 0 for a batch whose weights are all 0 (an all-padding batch)."""
   weight = weight.astype(jnp.float32)

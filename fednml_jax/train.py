@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from fednml_jax import checkpointing
 from fednml_jax import config as config_lib
-from fednml_jax.corruption import simulate_clients
+from fednml_jax.corruption import SINGLE_LABEL_NOISE_TYPES, one_hot_classes, simulate_clients
 from fednml_jax.data import load_dataset
 from fednml_jax.engine import inference, local_training, strategies
 from fednml_jax.engine.clients import ClientLayout
@@ -88,10 +88,22 @@ def build_federation(config, dataset, task, client_padding: int) -> FederatedSet
   if config.fl.num_clients > num_train:
     raise ConfigError(f"config.fl.num_clients = {config.fl.num_clients} exceeds the {num_train} "
                       f"training samples of {dataset.name}; every client needs at least one.")
+  noise_type = config_lib.noise_type(config)
+  if noise_type in SINGLE_LABEL_NOISE_TYPES:  # the metrics need one-hot evaluation labels too
+    for name, split in dataset.splits().items():
+      one_hot_classes(split.labels, f"{dataset.name} {name} labels")
   sim = simulate_clients(dataset.train.labels, num_clients=config.fl.num_clients,
                          noise_rate=config.labels.noise_rate, annotation_num=annotation_num,
                          partition=config.labels.partition,
-                         dirichlet_alpha=config.labels.dirichlet_alpha, seed=config.seed)
+                         dirichlet_alpha=config.labels.dirichlet_alpha, seed=config.seed,
+                         noise_type=noise_type,
+                         noisy_client_fraction=config.labels.noisy_client_fraction,
+                         min_client_noise=config.labels.min_client_noise,
+                         train_images=dataset.train.images)
+  logging.info("%s label noise, client rates %s, realised %s", noise_type,
+               np.round(sim.client_noise_rates, 3).tolist(),
+               [round(float(sim.corrupted[idx].mean()), 3) if idx.size else 0.0
+                for idx in sim.client_indices])
   layout = ClientLayout.from_indices(sim.client_indices, pad_clients_to=client_padding)
   return FederatedSetup(config=config, task=task, layout=layout,
                         observed_labels=sim.observed_labels, noisy_labels=sim.noisy_labels,
@@ -112,11 +124,12 @@ def _device_clients(method, state, layout):
   return {"per_sample": per_sample, "per_client": per_client, "count": layout.counts}
 
 
-def _select_best(history, select_on):
-  """The round whose `select_on` mAP is highest (earliest on ties)."""
+def _select_best(history, select_on, metric="mAP"):
+  """The round whose `select_on` `metric` (the task's headline metric) is highest (earliest on
+  ties)."""
   best_round, best_value = None, -math.inf
   for rnd, split_metrics in sorted(history.items()):
-    value = split_metrics[select_on]["mAP"]
+    value = split_metrics[select_on][metric]
     if value is not None and value > best_value:
       best_round, best_value = rnd, value
   return best_round
@@ -174,6 +187,7 @@ class Experiment:
             with_features=with_features) for with_features in (False, True)}
     self._device_sample_index = jax.device_put(layout.sample_index)
     self.programs: dict[str, strategies.RoundProgram] = {}
+    self.plots_dir = None  # set by `train_and_evaluate` when `config.plots` is True
     self._clients = None  # device copy of the method's client arrays
 
   # State ---------------------------------------------------------------------------------------
@@ -221,7 +235,7 @@ class Experiment:
     records = []
     ctx = RoundContext(round=rnd, global_vars=variables,
                        predict_train=lambda with_features=False: self.predict_train(
-                           variables, rnd, with_features))
+                           variables, rnd, with_features), plots_dir=self.plots_dir)
     method_state, changed, host_log = self.method.before_round(ctx, method_state)
     if host_log:
       records.append({"round": rnd, "split": "train", "kind": "refinement", **host_log})
@@ -261,8 +275,10 @@ class Experiment:
   def summary(self, history: dict, seconds: float) -> dict:
     config, dataset = self.config, self.dataset
     last = config.rounds - 1
-    best = _select_best(history, config.eval.select_on)
-    pick = lambda m: {k: m[k] for k in (*HEADLINE, "classes_evaluated", "classes_skipped")}  # noqa: E731
+    best = _select_best(history, config.eval.select_on, self.task.headline_metric)
+    keys = (*dict.fromkeys((self.task.headline_metric, *HEADLINE)), "classes_evaluated",
+            "classes_skipped")
+    pick = lambda m: {k: m[k] for k in keys}  # noqa: E731
     return {
         "method": config.method,
         "dataset": dataset.name,
@@ -302,6 +318,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   prepare_workdir(workdir)
   resume_from = checkpointing.check_resume(config, workdir)
   experiment = Experiment(config)
+  if config.plots:
+    experiment.plots_dir = os.path.join(workdir, "plots")
+    os.makedirs(experiment.plots_dir, exist_ok=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.every, config.checkpoint.keep)
   variables = experiment.initial_variables()

@@ -53,11 +53,11 @@ def test_noisy_component_is_the_low_consistency_cluster():
   order = rng.permutation(17)
   features = np.concatenate([clean, noisy])[order]
   truth = (np.arange(17) >= 12)[order]
-  flagged, reason = fit_noise_gmm(features, seed=0)
-  assert reason is None
+  flagged, reason, gmm = fit_noise_gmm(features, seed=0)
+  assert reason is None and gmm.converged_
   np.testing.assert_array_equal(flagged, truth)
   # The same split whichever way the features are listed (component order must not matter).
-  flagged_rev, _ = fit_noise_gmm(features[::-1], seed=0)
+  flagged_rev, _, _ = fit_noise_gmm(features[::-1], seed=0)
   np.testing.assert_array_equal(flagged_rev, truth[::-1])
 
 
@@ -67,9 +67,9 @@ def test_noisy_component_is_the_low_consistency_cluster():
     (np.array([[0.1, 0.2]] * 5 + [[np.nan, 0.0]]), "non-finite"),
 ])
 def test_degenerate_gmm_inputs_flag_nothing(features, why):
-  flagged, reason = fit_noise_gmm(features)
+  flagged, reason, gmm = fit_noise_gmm(features)
   assert flagged.dtype == bool and flagged.shape == (len(features),) and not flagged.any()
-  assert why in reason
+  assert why in reason and gmm is None
 
 
 def test_hybrid_pseudo_labels_thresholds_are_strict():
@@ -236,8 +236,12 @@ def test_train_and_evaluate_smoke_and_resume(tmp_path, monkeypatch):
   from fednml_jax import train
   monkeypatch.setenv("FEDNML_NO_PROGRESS", "1")
   config = smoke_config()
+  config.plots = True  # one PNG per client and refinement (does not change results)
   summary = train.train_and_evaluate(config, str(tmp_path / "straight"))
   assert (tmp_path / "straight" / "summary.json").exists() and summary["method"] == "fednml"
+  pngs = sorted(p.name for p in (tmp_path / "straight" / "plots").iterdir())
+  assert pngs == [f"gmm_round{r:03d}_client{k}.png" for r in (2, 3) for k in range(3)]
+  assert all((tmp_path / "straight" / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
   records = _records(tmp_path / "straight")
   refinements = [r for r in records if r.get("kind") == "refinement"]
   assert [r["round"] for r in refinements] == [2, 3]

@@ -1,7 +1,8 @@
 """Data sources. Every source returns the same in-memory `Dataset` (see `types.py`).
 
 `load_dataset(data_config)` dispatches on `data.source`:
-- `embedded`: the built-in digit-mosaic dataset (no download; `embedded.py`);
+- `embedded`: the built-in multi-label digit-mosaic dataset (no download; `embedded.py`);
+- `embedded_digits`: the built-in single-label digits, one per image (for `task = "singlelabel"`);
 - `npz`: a MedMNIST-layout `.npz` file at `data.path` (`npz.py`);
 - `mured`, `rfmid`, `brset`: the published CSV + image-folder layouts under `data.path`, resized
   once to `data.image_size` and cached with a tensorflow-datasets builder (`csv_images.py`).
@@ -15,7 +16,7 @@ import numpy as np
 from fednml_jax.data.types import Dataset, Split
 from fednml_jax.errors import ConfigError, DataError
 
-SOURCES = ("embedded", "npz", "mured", "rfmid", "brset")
+SOURCES = ("embedded", "embedded_digits", "npz", "mured", "rfmid", "brset")
 
 
 def drop_rare_classes(dataset: Dataset, min_positives: int) -> Dataset:
@@ -38,6 +39,10 @@ def load_dataset(data_config) -> Dataset:
   if source == "embedded":
     from fednml_jax.data.embedded import load_digit_mosaics
     dataset = load_digit_mosaics(data_config.embedded_train, data_config.embedded_val,
+                                 data_config.embedded_test)
+  elif source == "embedded_digits":
+    from fednml_jax.data.embedded import load_single_digits
+    dataset = load_single_digits(data_config.embedded_train, data_config.embedded_val,
                                  data_config.embedded_test)
   elif source == "npz":
     from fednml_jax.data.npz import load_npz

@@ -61,6 +61,7 @@ class RoundContext:
   # callable(with_features=False) -> (K, n_max, C) global-model probabilities on every client's
   # training slots under the weak view (numpy), or (probabilities, (K, n_max, D) features).
   predict_train: Any
+  plots_dir: str | None = None  # where diagnostic figures go when `config.plots` is True
 
 
 class Method:

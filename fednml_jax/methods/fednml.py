@@ -52,6 +52,7 @@ Deliberate differences (documented so numbers can be compared):
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import jax
@@ -63,6 +64,7 @@ from absl import logging
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
+from fednml_jax import plots
 from fednml_jax.errors import ConfigError
 from fednml_jax.methods.base import Method
 
@@ -121,18 +123,18 @@ def fit_noise_gmm(features: np.ndarray, seed: int = 0):
   random_state=seed)` (full covariance, fitted from scratch), the noisy component is the one with
   the lower mean consistency (feature 0), samples are assigned by `predict`.
 
-  Returns `(noisy, reason)`: a bool mask (n,), and None, or a short reason why the fit was skipped
-  (then `noisy` is all False).
+  Returns `(noisy, reason, gmm)`: a bool mask (n,); None, or a short reason why the fit was
+  skipped (then `noisy` is all False); and the fitted mixture (None when skipped).
   """
   features = np.asarray(features, np.float64)
   n = features.shape[0]
   none = np.zeros(n, bool)
   if n < MIN_GMM_SAMPLES:
-    return none, f"too few samples for the GMM ({n} < {MIN_GMM_SAMPLES})"
+    return none, f"too few samples for the GMM ({n} < {MIN_GMM_SAMPLES})", None
   if not np.all(np.isfinite(features)):
-    return none, "non-finite GMM features"
+    return none, "non-finite GMM features", None
   if len(np.unique(features, axis=0)) < 2:
-    return none, "identical GMM features (zero variance)"
+    return none, "identical GMM features (zero variance)", None
   gmm = GaussianMixture(n_components=2, random_state=seed)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", ConvergenceWarning)
@@ -140,11 +142,11 @@ def fit_noise_gmm(features: np.ndarray, seed: int = 0):
       gmm.fit(features)
       assignment = gmm.predict(features)
     except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:
-      return none, f"GMM fit failed: {type(err).__name__}: {err}"
+      return none, f"GMM fit failed: {type(err).__name__}: {err}", None
   if not gmm.converged_:
-    return none, "GMM did not converge"
+    return none, "GMM did not converge", None
   noisy_component = int(np.argmin(gmm.means_[:, 0]))
-  return assignment == noisy_component, None
+  return assignment == noisy_component, None, gmm
 
 
 def hybrid_pseudo_labels(probs: np.ndarray, high: float = 0.9, low: float = 0.1) -> np.ndarray:
@@ -290,6 +292,7 @@ class FedNML(Method):
   """FedNML (ALGORITHMS.md §2); see the module docstring for the choices made."""
 
   name = "fednml"
+  supported_tasks = ("multilabel",)  # sigmoid, per-class formulation
 
   @classmethod
   def config_defaults(cls):
@@ -380,7 +383,13 @@ class FedNML(Method):
       annotated = np.asarray(self.setup.annotated[k], bool)
       p, before = probs[k, rows], table[k, rows].astype(np.float64)
       consistency, loss = consistency_and_loss(p, before, annotated if first else None)
-      noisy, reason = fit_noise_gmm(np.stack([consistency, -loss], axis=1), seed=cfg.gmm_seed)
+      features = np.stack([consistency, -loss], axis=1)
+      noisy, reason, gmm = fit_noise_gmm(features, seed=cfg.gmm_seed)
+      if ctx.plots_dir:
+        plots.plot_noise_gmm(
+            os.path.join(ctx.plots_dir, f"gmm_round{rnd:03d}_client{k}.png"), features,
+            corrupted[k, rows], noisy, gmm,
+            f"FedNML refinement {int(state['refinements']) + 1}, round {rnd}, client {k}")
       if reason is not None:
         degenerate.append({"client": k, "reason": reason})
         logging.warning("fednml round %d, client %d: %s; no sample flagged noisy.", rnd, k, reason)

@@ -261,6 +261,7 @@ class FedNoRo(Method):
   """FedNoRo (ALGORITHMS.md §3); see the module docstring for the multi-label adaptation."""
 
   name = "fednoro"
+  supported_tasks = ("multilabel",)  # sigmoid, per-class formulation
 
   @classmethod
   def config_defaults(cls):

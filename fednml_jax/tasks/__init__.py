@@ -2,8 +2,9 @@
 
 from fednml_jax.errors import ConfigError
 from fednml_jax.tasks.multilabel import MultiLabelTask
+from fednml_jax.tasks.singlelabel import SingleLabelTask
 
-TASKS = {"multilabel": MultiLabelTask}
+TASKS = {"multilabel": MultiLabelTask, "singlelabel": SingleLabelTask}
 
 
 def get_task(name: str):
