@@ -15,8 +15,10 @@ from fednml_jax.errors import ConfigError
 from fednml_jax.methods import METHODS, FederatedSetup, RoundContext
 from fednml_jax.methods import fednoro
 from fednml_jax.methods.fednoro import (FedNoRo, bernoulli_kd, client_class_losses,
-                                        detect_noisy_clients, fednoro_client_loss,
-                                        fill_empty_cells, logit_adjusted_bce, normalise_columns)
+                                        client_class_losses_single_label, detect_noisy_clients,
+                                        fednoro_client_loss, fednoro_single_label_loss,
+                                        fill_empty_cells, logit_adjusted_bce, logit_adjusted_ce,
+                                        normalise_columns, softmax_kd)
 from fednml_jax.tasks import get_task
 
 from conftest import tiny_config
@@ -314,3 +316,48 @@ def test_train_and_evaluate_smoke(tmp_path):
   phases = [r["phase"] for r in records if "phase" in r]
   assert phases == ["warmup", "robust", "robust"]
   assert np.isfinite(summary["test_final"]["mAP"])
+
+
+# Single-label (FedNoRo as published) --------------------------------------------------------------
+def test_single_label_losses_by_hand():
+  logits = jnp.array([[1.0, 0.0]])
+  targets = jnp.array([[1.0, 0.0]])
+  prior = jnp.array([0.25, 0.75])
+  # z' = [1 + ln 0.25, ln 0.75] = [−0.386294, −0.287682]; CE = −z'_0 + ln(e^z'_0 + e^z'_1).
+  z = np.array([1.0 + math.log(0.25), math.log(0.75)])
+  ce = -z[0] + math.log(math.exp(z[0]) + math.exp(z[1]))  # = 0.743838
+  assert float(logit_adjusted_ce(logits, targets, prior)[0]) == pytest.approx(ce, abs=1e-5)
+  # KD against a teacher [0, 0.8] at T = 0.8: softmax([0, 1]) = [0.268941, 0.731059].
+  t = np.array([0.268941, 0.731059])
+  s_log = z - math.log(math.exp(z[0]) + math.exp(z[1]))
+  kd = float(np.sum(t * (np.log(t) - s_log)))
+  teacher = jnp.array([[0.0, 0.8]])
+  assert float(softmax_kd(jnp.asarray(z)[None], teacher, 0.8)[0]) == pytest.approx(kd, abs=1e-5)
+  # Noisy client at w = 0.5: (1 − 0.5)·CE + 0.5·KD; a clean client gets CE alone.
+  noisy = fednoro_single_label_loss(logits, targets, teacher, prior, 1.0, 0.5)
+  clean = fednoro_single_label_loss(logits, targets, teacher, prior, 0.0, 0.5)
+  assert float(noisy[0]) == pytest.approx(0.5 * ce + 0.5 * kd, abs=1e-5)
+  assert float(clean[0]) == pytest.approx(ce, abs=1e-5)
+
+
+def test_single_label_class_wise_losses_by_hand():
+  # Client 0: samples of class 0 (p[y] 0.8), class 1 (0.5), class 1 (0.25); client 1: one class-0
+  # sample (0.5) and a padding slot.
+  probs = np.array([[[0.8, 0.2], [0.5, 0.5], [0.75, 0.25]], [[0.5, 0.5], [0.9, 0.1], [0.9, 0.1]]])
+  labels = np.array([[[1, 0], [0, 1], [0, 1]], [[1, 0], [1, 0], [0, 1]]], np.float32)
+  valid = np.array([[True, True, True], [True, False, False]])
+  got = client_class_losses_single_label(probs, labels, valid)
+  expect = [[-math.log(0.8), (-math.log(0.5) - math.log(0.25)) / 2], [-math.log(0.5), np.nan]]
+  np.testing.assert_allclose(got, expect, atol=1e-9)
+
+
+def test_single_label_smoke(tmp_path):
+  from fednml_jax import train
+  config = tiny_config(method="fednoro", rounds=2, task="singlelabel",
+                       **{"data.source": "embedded_digits", "labels.annotation_num": None,
+                          "labels.noise_type": "pair", "fednoro.warmup_rounds": 1})
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["phase"] for r in records if "phase" in r] == ["warmup", "robust"]
+  assert len([r for r in records if "detection" in r]) == 1
+  assert 0.0 <= summary["test_final"]["Accuracy"] <= 1.0

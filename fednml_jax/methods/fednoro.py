@@ -45,6 +45,12 @@ Multi-label adaptations (FedNoRo is single-label softmax):
   The probabilities come from `ctx.predict_train()` (weak view, eval mode), as the reference runs
   the global model on the training set under its training transform.
 
+Single-label tasks (`config.task = "singlelabel"`) get FedNoRo exactly as published: `LogitAdjust`
+= softmax cross-entropy on `z + τ·log π` (`logit_adjusted_ce`), `LA_KD` = `w·KL(softmax(t/T) ‖
+softmax(z')) + (1 − w)·CE(z', y)` (`softmax_kd`), and a detection cell (k, c) = the mean
+cross-entropy of the global model over client k's samples whose observed label is c
+(`client_class_losses_single_label`), empty where the client has none of class c.
+
 Choices where the reference is silent or would fail (each logged in the detection record):
 - **Vote.** As the reference: each fit yields a set of noisy clients; the set produced by the most
   fits wins (ties: the earliest seed). The record also gives each client's number of "noisy" votes.
@@ -123,6 +129,35 @@ def bernoulli_kd(student_logits, teacher_logits, temperature=0.8):
   return cross - entropy
 
 
+def logit_adjusted_ce(logits, targets, class_prior, tau=1.0):
+  """FedNoRo's `LogitAdjust` for softmax outputs: cross-entropy of `targets` (one-hot or soft) on
+  `z + τ·log π` (π clamped at 1e-12 inside the log); shape (B,)."""
+  prior = jnp.clip(jnp.asarray(class_prior, jnp.float32), PRIOR_EPS, 1.0)
+  z = logits.astype(jnp.float32) + tau * jnp.log(prior)
+  return optax.softmax_cross_entropy(z, targets.astype(jnp.float32))
+
+
+def softmax_kd(student_logits, teacher_logits, temperature=0.8):
+  """`KL(softmax(t/T) ‖ softmax(z))` per sample, shape (B,): FedNoRo's `F.kl_div(log_softmax(z'),
+  softmax(t/0.8))` before the batch mean. The teacher receives no gradient."""
+  teacher = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature
+  log_teacher = jax.nn.log_softmax(teacher)
+  log_student = jax.nn.log_softmax(student_logits.astype(jnp.float32))
+  return jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), axis=-1)
+
+
+def fednoro_single_label_loss(logits, targets, teacher_logits, class_prior, noisy, w_kd, tau=1.0,
+                              temperature=0.8):
+  """Per-sample robust-phase loss of FedNoRo as published (softmax), shape (B,): `(1 − a)·CE(z', y)
+  + a·KL(softmax(t/T) ‖ softmax(z'))` with `z' = z + τ·log π` and `a = noisy·w_kd`."""
+  prior = jnp.clip(jnp.asarray(class_prior, jnp.float32), PRIOR_EPS, 1.0)
+  z = logits.astype(jnp.float32) + tau * jnp.log(prior)
+  ce = optax.softmax_cross_entropy(z, targets.astype(jnp.float32))
+  kd = softmax_kd(z, teacher_logits, temperature)
+  a = jnp.asarray(noisy, jnp.float32) * jnp.asarray(w_kd, jnp.float32)
+  return (1.0 - a) * ce + a * kd
+
+
 def fednoro_client_loss(logits, targets, teacher_logits, class_prior, class_mask, noisy, w_kd,
                         tau=1.0, temperature=0.8):
   """Per-sample robust-phase loss, shape (B,): `(1 − a)·LA + a·KD` with `a = noisy·w_kd`.
@@ -152,6 +187,21 @@ def client_class_losses(probs, labels, valid, annotated):
   count = cells.sum(axis=1)
   with np.errstate(invalid="ignore", divide="ignore"):
     return np.where(count > 0, bce.sum(axis=1) / np.maximum(count, 1), np.nan)
+
+
+def client_class_losses_single_label(probs, labels, valid):
+  """(K, C) mean cross-entropy `−log p[y]` (log clamped at −100) per client over its valid samples
+  whose observed class is c; NaN where the client has no such sample (FedNoRo's class-wise loss).
+
+  `probs`, `labels` (one-hot): (K, n_max, C); `valid`: (K, n_max) bool."""
+  probs = np.asarray(probs, np.float64)
+  labels = np.asarray(labels, np.float64) * np.asarray(valid, bool)[:, :, None]
+  with np.errstate(divide="ignore"):
+    per_sample = -np.maximum(np.log(np.sum(probs * labels, axis=-1, keepdims=True)), -100.0)
+  total = np.sum(np.where(labels > 0, per_sample, 0.0), axis=1)
+  count = labels.sum(axis=1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def fill_empty_cells(matrix):
@@ -261,7 +311,7 @@ class FedNoRo(Method):
   """FedNoRo (ALGORITHMS.md §3); see the module docstring for the multi-label adaptation."""
 
   name = "fednoro"
-  supported_tasks = ("multilabel",)  # sigmoid, per-class formulation
+  supported_tasks = ("multilabel", "singlelabel")  # sigmoid, per-class formulation
 
   @classmethod
   def config_defaults(cls):
@@ -346,7 +396,10 @@ class FedNoRo(Method):
     probs = np.asarray(ctx.predict_train(), np.float64)[:num_real]
     labels = layout.gather(np.asarray(setup.observed_labels, np.float32))[:num_real]
     annotated = np.asarray(setup.annotated, bool)[:num_real]
-    losses = client_class_losses(probs, labels, layout.valid[:num_real], annotated)
+    if self.task.name == "singlelabel":
+      losses = client_class_losses_single_label(probs, labels, layout.valid[:num_real])
+    else:
+      losses = client_class_losses(probs, labels, layout.valid[:num_real], annotated)
     result = detect_noisy_clients(losses, self.cfg.gmm_seeds)
     noisy = np.zeros(layout.num_clients, bool)
     noisy[:num_real] = result["noisy"]
@@ -393,6 +446,12 @@ class FedNoRo(Method):
 
   # Device side ---------------------------------------------------------------------------------
   def client_loss(self, phase, *, logits, batch, client, teacher_logits, scalars):
+    if self.task.name == "singlelabel":
+      if phase == "warmup":
+        return logit_adjusted_ce(logits, batch["targets"], client["class_prior"], tau=self.cfg.tau)
+      return fednoro_single_label_loss(
+          logits, batch["targets"], teacher_logits, client["class_prior"], client["noisy"],
+          scalars["w_kd"], tau=self.cfg.tau, temperature=self.cfg.kd_temperature)
     if phase == "warmup":
       return logit_adjusted_bce(logits, batch["targets"], client["class_prior"],
                                 client["class_mask"], tau=self.cfg.tau)
