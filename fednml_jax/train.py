@@ -352,7 +352,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise UserError(f"{err} ({config.method}, lr {config.optim.lr}). {where}") from None
       for record in records:
         metrics_log.write(record)
-      postfix = {"loss": f"{np.mean(records[-1]['client_loss']):.4f}"}
+      losses = next(r["client_loss"] for r in records if "client_loss" in r)
+      postfix = {"loss": f"{np.mean(losses):.4f}"}
       if experiment.should_evaluate(rnd):
         history[rnd] = experiment.evaluate(variables)
         for split, result in history[rnd].items():
