@@ -2,11 +2,16 @@
 
 from fednml_jax.methods.base import FederatedSetup, Method, RoundContext
 from fednml_jax.methods.fedavg import FedAvg
+from fednml_jax.methods.feddc import FedDC
+from fednml_jax.methods.fedlsm import FedLSM
+from fednml_jax.methods.fedmlp import FedMLP
 from fednml_jax.methods.fednml import FedNML
 from fednml_jax.methods.fednoro import FedNoRo
 from fednml_jax.methods.fedprox import FedProx
+from fednml_jax.methods.maskedoptim import FedELC, MaskedOptim
 
-METHODS = {cls.name: cls for cls in (FedAvg, FedProx, FedNML, FedNoRo)}
+METHODS = {cls.name: cls for cls in (FedAvg, FedProx, FedNML, FedNoRo, FedMLP, FedLSM, FedDC,
+                                     MaskedOptim, FedELC)}
 
 
 def method_config_defaults() -> dict:
