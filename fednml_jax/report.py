@@ -6,11 +6,17 @@ Reads every `summary.json` below `--runs` (one folder per run) and groups runs b
 (dataset, noise_rate, annotation_num) and method; each cell is the mean ± standard deviation over
 seeds of a test metric at the best-validation round (or `--at=final`). Refinement diagnostics of
 methods that log them (FedNML) are averaged over seeds per refinement round.
+
+The results table's grouping (`group_metrics`) and layout (`metrics_table`, FedNML's Table II:
+one block of mAP, F1, Recall, BAcc columns per setting; `metrics_csv`) also make the tables of
+`python -m fednml_jax.sweep`.
 """
 
 from __future__ import annotations
 
 import collections
+import csv
+import io
 import json
 import os
 import pathlib
@@ -22,6 +28,7 @@ METRICS = ("mAP", "F1", "Recall", "BAcc")
 DIAGNOSTICS = ("flagged", "noisy_precision", "noisy_recall", "corrupted_label_acc_before",
                "corrupted_label_acc", "missing_label_acc_before", "missing_label_acc",
                "positive_label_recall_before", "positive_label_recall", "hard_fraction")
+MISSING = "—"  # a table cell without any finished run
 
 
 def _variant(summary: dict, workdir: pathlib.Path) -> str:
@@ -40,17 +47,23 @@ def _variant(summary: dict, workdir: pathlib.Path) -> str:
   return f"{method}[{', '.join(changed)}]" if changed else method
 
 
+def load_run(folder) -> dict | None:
+  """The `summary.json` of the run in `folder`, with the folder as `workdir` and `method` as the
+  method's variant label (see `_variant`); None when the run has not finished."""
+  folder = pathlib.Path(folder)
+  path = folder / "summary.json"
+  if not path.exists():
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  summary["workdir"] = str(folder)
+  summary["method"] = _variant(summary, folder)
+  return summary
+
+
 def load_runs(root: str) -> list[dict]:
-  """The summaries under `root`, each with its folder as `workdir` (unfinished runs skipped);
-  `method` becomes the method's variant label (see `_variant`)."""
-  runs = []
-  for path in sorted(pathlib.Path(root).rglob("summary.json")):
-    with open(path) as f:
-      summary = json.load(f)
-    summary["workdir"] = str(path.parent)
-    summary["method"] = _variant(summary, path.parent)
-    runs.append(summary)
-  return runs
+  """The summaries under `root` (see `load_run`; unfinished runs skipped)."""
+  return [load_run(path.parent) for path in sorted(pathlib.Path(root).rglob("summary.json"))]
 
 
 def _records(run: dict):
@@ -68,31 +81,97 @@ def _mean_std(values):
   return float(np.mean(values)), float(np.std(values)), len(values)
 
 
-def results_table(runs: list[dict], at: str = "test_at_best_val") -> str:
-  """Markdown: rows = methods, one block of columns per (noise, annotated classes) setting."""
-  settings = sorted({(r["noise_rate"], r["annotation_num"]) for r in runs})
-  methods = sorted({r["method"] for r in runs})
-  cells = collections.defaultdict(list)
+def group_metrics(runs: list[dict], row_of, block_of, at: str = "test_at_best_val") -> dict:
+  """{(row, block): {metric: (mean, std, count)}} for each of METRICS over the runs that share
+  `row_of(run)` (e.g. the method) and `block_of(run)` (e.g. the setting): the mean and population
+  standard deviation over seeds of `run[at][metric]`, and how many runs gave a value."""
+  groups = collections.defaultdict(list)
   for r in runs:
-    cells[(r["method"], r["noise_rate"], r["annotation_num"])].append(r)
-  header = "| method | " + " | ".join(
-      f"noise {n:g}, {a} annotated: {m}" for n, a in settings for m in METRICS) + " |"
-  lines = [header, "|" + "---|" * (1 + len(settings) * len(METRICS))]
-  for method in methods:
-    row = [method]
-    for n, a in settings:
-      group = cells[(method, n, a)]
+    groups[(row_of(r), block_of(r))].append(r)
+  return {key: {m: _mean_std([(r[at] or {}).get(m) for r in group]) for m in METRICS}
+          for key, group in groups.items()}
+
+
+def _best_per_column(rows, blocks, stats) -> dict:
+  """{(block, metric): the highest mean over `rows`, at the printed precision}."""
+  best = {}
+  for block, _ in blocks:
+    for m in METRICS:
+      means = [stats[(row, block)][m][0] for row in rows if (row, block) in stats]
+      means = [round(v, 3) for v in means if v is not None]
+      if means:
+        best[(block, m)] = max(means)
+  return best
+
+
+def metrics_table(rows: list, blocks: list[tuple], stats: dict, seeds: int | None = None,
+                  bold_best: bool = False) -> str:
+  """Markdown laid out like FedNML's Table II: one row per entry of `rows` (methods, in order) and
+  one block of columns mAP, F1, Recall, BAcc per `(block, title)` of `blocks` (settings, in order).
+
+  `stats` is `group_metrics`' output. A cell is `mean ± std`, followed by `(n=k)` when `seeds` is
+  None or only k < `seeds` runs gave a value; MISSING marks a cell without runs. With `bold_best`,
+  the highest mean of each column (ties at the printed precision included) is in bold.
+  """
+  best = _best_per_column(rows, blocks, stats) if bold_best else {}
+  titles = [cell for _, title in blocks for cell in [title] + [""] * (len(METRICS) - 1)]
+  lines = ["| " + " | ".join(["method"] + titles) + " |",
+           "|---|" + ":---:|" * len(titles),
+           "| | " + " | ".join(m for _ in blocks for m in METRICS) + " |"]
+  for row in rows:
+    cells = [str(row)]
+    for block, _ in blocks:
       for m in METRICS:
-        mean, std, count = _mean_std([g[at][m] for g in group])
-        row.append("–" if mean is None else f"{mean:.3f} ± {std:.3f} (n={count})")
-    lines.append("| " + " | ".join(row) + " |")
+        mean, std, count = stats.get((row, block), {}).get(m, (None, None, 0))
+        if mean is None:
+          cells.append(MISSING)
+          continue
+        cell = f"{mean:.3f} ± {std:.3f}"
+        if best.get((block, m)) == round(mean, 3):
+          cell = f"**{mean:.3f}** ± {std:.3f}"
+        if seeds is None or count < seeds:
+          cell += f" (n={count})"
+        cells.append(cell)
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def metrics_csv(rows: list, blocks: list[tuple], stats: dict) -> str:
+  """The cells of `metrics_table` as CSV: `method`, then per block title and metric the columns
+  `<title>/<metric>/mean`, `.../std` and `.../n` (number of runs); mean and std are empty where
+  no run gave a value."""
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(["method"] + [f"{title}/{m}/{stat}" for _, title in blocks for m in METRICS
+                                for stat in ("mean", "std", "n")])
+  for row in rows:
+    cells = [row]
+    for block, _ in blocks:
+      for m in METRICS:
+        mean, std, count = stats.get((row, block), {}).get(m, (None, None, 0))
+        cells += ["", "", 0] if mean is None else [mean, std, count]
+    writer.writerow(cells)
+  return out.getvalue()
+
+
+def class_prior_note(runs: list[dict], block_of, blocks: list[tuple]) -> str:
+  """One line: the class-prior predictor's test mAP per block (mean over the block's runs)."""
   prior = collections.defaultdict(list)
   for r in runs:
-    prior[(r["noise_rate"], r["annotation_num"])].append(r["test_class_prior"]["mAP"])
-  lines.append("")
-  lines.append("Class-prior predictor, test mAP: " + ", ".join(
-      f"{np.mean(v):.3f}" for v in (prior[s] for s in settings)) + " (per setting, as above).")
-  return "\n".join(lines)
+    prior[block_of(r)].append(r["test_class_prior"]["mAP"])
+  return "Class-prior predictor, test mAP: " + ", ".join(
+      f"{np.mean(prior[block]):.3f}" if prior[block] else MISSING for block, _ in blocks
+  ) + " (per setting, as above)."
+
+
+def results_table(runs: list[dict], at: str = "test_at_best_val") -> str:
+  """Markdown: rows = methods, one block of columns per (noise, annotated classes) setting."""
+  setting_of = lambda r: (r["noise_rate"], r["annotation_num"])  # noqa: E731
+  blocks = [(s, f"noise {s[0]:g}, {s[1]} annotated") for s in sorted({setting_of(r) for r in runs})]
+  methods = sorted({r["method"] for r in runs})
+  stats = group_metrics(runs, lambda r: r["method"], setting_of, at)
+  return (metrics_table(methods, blocks, stats) + "\n\n"
+          + class_prior_note(runs, setting_of, blocks))
 
 
 def refinement_diagnostics(runs: list[dict]) -> str:

@@ -1,0 +1,409 @@
+r"""Sweeps: every (setting, method, seed) run of a grid, resumable, tabulated like FedNML's Table II.
+
+  python -m fednml_jax.sweep --config=configs/sweeps/rfmid_cpu.py --workdir=runs/sweep_rfmid_cpu
+  python -m fednml_jax.sweep --config=configs/sweeps/rfmid_cpu.py --workdir=runs/sweep_rfmid_cpu \
+      --config.methods=fedavg,fednml --config.seeds=0,1 --config.base.rounds=20
+  python -m fednml_jax.sweep --config=configs/sweeps/rfmid_cpu.py --workdir=runs/sweep_rfmid_cpu \
+      --table_only
+
+A sweep config file's `get_config()` returns `sweep_config(...)`, whose fields are:
+- `base`: a full run config (`fednml_jax.config`, e.g. `cpu_setting(...)`, `paper_setting(...)`);
+  override its keys with `--config.base.KEY=VALUE`;
+- `methods`: `config.method` names, the table's rows in this order (`--config.methods=a,b`);
+- `settings`: (label, {dotted run-config key: value}) pairs, the table's column blocks in this
+  order. The extra key `labels.missing_num` = m is the paper's "Missing m": the sweep loads the
+  data once, counts the classes C left after dropping rare ones, and sets
+  `labels.annotation_num` = C − m;
+- `seeds`: the run seeds (`--config.seeds=0,1,2`);
+- `method_overrides`: (method, {dotted run-config key: value}) pairs, applied after the setting's.
+
+Run (setting, method, seed) is `train.train_and_evaluate(config, WORKDIR/<setting>/<method>/seed<k>)`
+with `resume="auto"`. Before any run starts, every method is checked against `METHODS` and every run
+config is built and validated; a folder whose `config.json` differs from its run's config (in a key
+that changes results) is refused rather than mixed into the table. Finished runs (`summary.json`
+present) are skipped, unfinished ones resume from their last checkpoint, so rerunning the command
+after Ctrl-C or a crash continues where it stopped. A run that fails with a `UserError` (e.g. a NaN
+loss) is reported and the sweep goes on; the command then exits with status 1 after listing the
+failed runs. Input errors exit with status 2 and one paragraph, never a traceback.
+
+Writes `WORKDIR/table.md` (the command, then rows = methods, blocks = settings, columns mAP, F1,
+Recall, BAcc: mean ± std over seeds of `test_at_best_val`, the best mean per column in bold,
+`(n=k)` where only k seeds finished, "—" where none did) and `WORKDIR/table.csv` (the same numbers,
+see `report.metrics_csv`). `--table_only` rebuilds both from the run folders without running
+anything (and without comparing their configs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+import shlex
+import sys
+import time
+
+import ml_collections
+
+from fednml_jax import checkpointing
+from fednml_jax import config as config_lib
+from fednml_jax import report
+from fednml_jax.errors import ConfigError, UserError
+
+MISSING_NUM_KEY = "labels.missing_num"  # a setting key resolved to labels.annotation_num = C − m
+SETTING_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # usable as a folder name
+
+
+def sweep_config(base, methods, settings, seeds, method_overrides=()) -> ml_collections.ConfigDict:
+  """The ConfigDict a sweep config file returns (fields described in the module docstring)."""
+  c = ml_collections.ConfigDict()
+  c.base = base
+  c.methods = tuple(methods)
+  c.settings = tuple((label, dict(overrides)) for label, overrides in settings)
+  c.seeds = tuple(seeds)
+  c.method_overrides = tuple((method, dict(overrides)) for method, overrides in method_overrides)
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """The sweep's rows, column blocks and seeds, as the table lays them out."""
+
+  settings: tuple[str, ...]
+  methods: tuple[str, ...]
+  seeds: tuple[int, ...]
+
+  def folder(self, workdir: str, setting: str, method: str, seed: int) -> str:
+    return os.path.join(workdir, setting, method, f"seed{seed}")
+
+  def cells(self):
+    """(setting, method, seed) in run order: setting by setting, then method, then seed."""
+    for setting in self.settings:
+      for method in self.methods:
+        for seed in self.seeds:
+          yield setting, method, seed
+
+
+@dataclasses.dataclass
+class PlannedRun:
+  """One run of the sweep: where it lives, its full config, and what the folder holds now."""
+
+  setting: str
+  method: str
+  seed: int
+  workdir: str
+  config: ml_collections.ConfigDict
+  status: str  # "finished" (summary.json present), "resume" (a checkpoint), "start"
+  checkpoint_round: int | None = None
+
+  @property
+  def name(self) -> str:
+    return f"{self.setting}/{self.method}/seed{self.seed}"
+
+
+@dataclasses.dataclass
+class SweepOutcome:
+  """What a sweep did: run counts, the failed runs with their messages, and the markdown table."""
+
+  total: int
+  skipped: int
+  ran: int
+  failed: list[tuple[str, str]]
+  table: str
+
+
+def read_grid(sweep) -> Grid:
+  """The sweep's settings, methods and seeds, checked for shape (not against METHODS)."""
+  methods = tuple(m.strip() for item in sweep.methods for m in str(item).split(",") if m.strip())
+  labels = tuple(label for label, _ in sweep.settings)
+  seeds = tuple(sweep.seeds)
+  problems = []
+  if not methods:
+    problems.append("config.methods is empty")
+  if not labels:
+    problems.append("config.settings is empty")
+  if not seeds:
+    problems.append("config.seeds is empty")
+  bad_labels = [label for label in labels if not SETTING_LABEL.match(str(label))]
+  if bad_labels:
+    problems.append(f"setting labels {bad_labels} are not usable as folder names (letters, digits, "
+                    "'_', '.', '+', '-')")
+  if any(not isinstance(seed, int) or isinstance(seed, bool) for seed in seeds):
+    problems.append(f"config.seeds = {seeds} must be integers")
+  for what, values in (("methods", methods), ("setting labels", labels), ("seeds", seeds)):
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+      problems.append(f"{what} {repeated} appear more than once")
+  if problems:
+    raise ConfigError("The sweep config is malformed: " + "; ".join(problems) + ".")
+  return Grid(labels, methods, seeds)
+
+
+def check_methods(methods) -> None:
+  """Raises a ConfigError naming every method of the sweep that is not registered."""
+  from fednml_jax.methods import METHODS  # noqa: PLC0415
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise ConfigError(f"Unknown method(s) in the sweep: {', '.join(unknown)}. Valid methods are "
+                      f"{', '.join(sorted(METHODS))}. Remove the others from config.methods (e.g. "
+                      "--config.methods=fedavg,fednml); nothing was run.")
+
+
+def _set_dotted(config, key: str, value, where: str) -> None:
+  """config[key] = value for a dotted key of the run-config schema; ConfigError otherwise."""
+  node = config
+  *parents, leaf = key.split(".")
+  try:
+    for parent in parents:
+      node = node[parent]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise KeyError(key)
+    node[leaf] = value
+  except (KeyError, AttributeError):
+    close = difflib.get_close_matches(key, config_lib.flatten(config), n=1)
+    raise ConfigError(f"{where} overrides the unknown run-config key {key!r}"
+                      + (f" (did you mean {close[0]!r}?)" if close else "")
+                      + ". Valid keys are listed in fednml_jax/config.py.") from None
+  except TypeError as err:
+    raise ConfigError(f"{where} sets {key} = {value!r}, a value of the wrong type ({err}).") from None
+
+
+def _resolve_missing_num(config, missing_num: int, where: str, num_classes_cache: dict) -> None:
+  """Sets labels.annotation_num = C − missing_num, C = the classes of config.data after the
+  rare-class filter (the data are loaded once per distinct data config)."""
+  from fednml_jax.data import load_dataset  # noqa: PLC0415
+  data_key = config_lib.to_json(config.data)
+  if data_key not in num_classes_cache:
+    num_classes_cache[data_key] = load_dataset(config.data).num_classes
+  num_classes = num_classes_cache[data_key]
+  if not isinstance(missing_num, int) or not 0 <= missing_num < num_classes:
+    raise ConfigError(
+        f"{where} sets {MISSING_NUM_KEY} = {missing_num!r}, but the data ({config.data.source}, "
+        f"{config.data.path or 'built in'}) have {num_classes} classes after dropping those with "
+        f"fewer than {config.data.min_positives} training positives, so it must be an integer in "
+        f"0..{num_classes - 1}.")
+  config.labels.annotation_num = num_classes - missing_num
+
+
+def run_config(sweep, setting: str, method: str, seed: int, num_classes_cache: dict):
+  """The full run config of one (setting, method, seed), validated."""
+  where = f"Sweep setting {setting!r}"
+  config = sweep.base.copy_and_resolve_references()
+  overrides = dict(dict(sweep.settings)[setting])
+  missing_num = overrides.pop(MISSING_NUM_KEY, None)
+  for key, value in overrides.items():
+    _set_dotted(config, key, value, where)
+  for key, value in dict(dict(sweep.method_overrides).get(method, {})).items():
+    _set_dotted(config, key, value, f"The sweep's method_overrides for {method!r}")
+  config.method, config.seed, config.compare, config.resume = method, seed, "", "auto"
+  if missing_num is not None:
+    if "labels.annotation_num" in overrides:
+      raise ConfigError(f"{where} sets both labels.annotation_num and {MISSING_NUM_KEY}; keep one.")
+    _resolve_missing_num(config, missing_num, where, num_classes_cache)
+  try:
+    config_lib.validate(config)
+  except ConfigError as err:
+    raise ConfigError(f"In the sweep run {setting}/{method}/seed{seed}: {err}") from None
+  return config
+
+
+def _folder_status(workdir: str, config) -> tuple[str, int | None]:
+  """What a run folder holds: ("finished", None), ("resume", its latest checkpoint round),
+  ("start", None), or ("conflict", the differing keys) when its config.json is another config's."""
+  config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      saved = json.load(f)
+    differing = checkpointing.config_differences(saved, config.to_dict())
+    if differing:
+      return "conflict", ", ".join(differing[:6]) + (" …" if len(differing) > 6 else "")
+  if os.path.exists(os.path.join(workdir, "summary.json")):
+    return "finished", None
+  rounds = checkpointing._saved_rounds(workdir)  # noqa: SLF001
+  return ("resume", rounds[-1]) if rounds else ("start", None)
+
+
+def plan(sweep, workdir: str) -> tuple[Grid, list[PlannedRun]]:
+  """Checks the whole sweep before anything runs: the grid, the methods, every run config, and that
+  no run folder holds a run of another config. Returns the grid and the runs in order."""
+  grid = read_grid(sweep)
+  check_methods(grid.methods)
+  unknown = sorted(set(dict(sweep.method_overrides)) - set(grid.methods))
+  if unknown:
+    raise ConfigError(f"config.method_overrides names {unknown}, which are not in config.methods "
+                      f"{list(grid.methods)}.")
+  num_classes_cache: dict = {}
+  runs, conflicts = [], []
+  for setting, method, seed in grid.cells():
+    config = run_config(sweep, setting, method, seed, num_classes_cache)
+    folder = grid.folder(workdir, setting, method, seed)
+    status, detail = _folder_status(folder, config)
+    if status == "conflict":
+      conflicts.append(f"{folder} ({detail})")
+      continue
+    runs.append(PlannedRun(setting, method, seed, folder, config, status, detail))
+  if conflicts:
+    raise ConfigError(
+        f"{len(conflicts)} run folder(s) of {workdir} hold a run with a different config, so the "
+        f"sweep would mix two experiments in one table: {'; '.join(conflicts[:5])}"
+        + (" …" if len(conflicts) > 5 else "") + ". Pick a new --workdir for the changed sweep, or "
+        "delete those run folders to rerun them.")
+  return grid, runs
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def write_tables(sweep, workdir: str, command: str, grid: Grid | None = None) -> str:
+  """Writes WORKDIR/table.md and WORKDIR/table.csv from the finished runs of the sweep's grid;
+  returns the markdown."""
+  grid = grid or read_grid(sweep)
+  runs = []
+  for setting, method, seed in grid.cells():
+    run = report.load_run(grid.folder(workdir, setting, method, seed))
+    if run is not None:
+      runs.append(dict(run, setting=setting, method=method))
+  blocks = [(setting, setting) for setting in grid.settings]
+  stats = report.group_metrics(runs, lambda r: r["method"], lambda r: r["setting"])
+  table = report.metrics_table(list(grid.methods), blocks, stats, seeds=len(grid.seeds),
+                               bold_best=True)
+  total = len(grid.settings) * len(grid.methods) * len(grid.seeds)
+  settings_legend = "\n".join(
+      f"- `{label}`: " + ", ".join(f"{k}={v}" for k, v in overrides.items())
+      for label, overrides in sweep.settings)
+  text = (f"Made by: `{command}`\n\n"
+          f"Test metrics at the best-validation round (`test_at_best_val`), mean ± std (population) "
+          f"over seeds {', '.join(map(str, grid.seeds))}; the best mean of each column in bold; "
+          f"(n=k): only k of the {len(grid.seeds)} seeds have finished; {report.MISSING}: no "
+          f"finished run. {len(runs)} of {total} runs finished.\n\n"
+          f"{table}\n\n{report.class_prior_note(runs, lambda r: r['setting'], blocks)}\n\n"
+          f"Settings:\n\n{settings_legend}\n")
+  os.makedirs(workdir, exist_ok=True)
+  for name, content in (("table.md", text), ("table.csv",
+                                             report.metrics_csv(list(grid.methods), blocks, stats))):
+    path = os.path.join(workdir, name)
+    with open(path + ".tmp", "w") as f:
+      f.write(content)
+    os.replace(path + ".tmp", path)
+  return text
+
+
+def run_sweep(sweep, workdir: str, command: str) -> SweepOutcome:
+  """Runs every unfinished run of the sweep in order (see the module docstring), then writes the
+  tables. Progress goes to stderr. Ctrl-C stops the sweep (finished runs stay on disk, the current
+  one resumes from its last checkpoint next time) after writing the tables of what finished."""
+  from fednml_jax import train  # noqa: PLC0415  (imports JAX)
+  grid, runs = plan(sweep, workdir)
+  train.prepare_workdir(workdir)
+  counts = {s: sum(r.status == s for r in runs) for s in ("finished", "resume", "start")}
+  _log(f"sweep: {len(runs)} runs ({len(grid.settings)} settings × {len(grid.methods)} methods × "
+       f"{len(grid.seeds)} seeds) in {workdir}: {counts['finished']} finished earlier, "
+       f"{counts['resume']} to resume, {counts['start']} to start")
+  start = time.time()
+  failed, ran = [], 0
+  try:
+    for index, run in enumerate(runs, 1):
+      tag = f"[{index}/{len(runs)}] {run.name}"
+      if run.status == "finished":
+        _log(f"{tag}: finished earlier, skipped")
+        continue
+      _log(f"{tag}: " + (f"resuming from the checkpoint after round {run.checkpoint_round}"
+                         if run.status == "resume" else "starting"))
+      try:
+        summary = train.train_and_evaluate(run.config, run.workdir)
+      except UserError as err:
+        failed.append((run.name, str(err)))
+        _log(f"{tag}: FAILED: {err}")
+        continue
+      ran += 1
+      best = summary["test_at_best_val"] or {}
+      _log(f"{tag}: done in {summary['seconds']:.0f} s, test mAP {best.get('mAP', float('nan')):.3f} "
+           f"at the best validation round ({summary['best_val_round']}); sweep elapsed "
+           f"{_hms(time.time() - start)}")
+  except KeyboardInterrupt:
+    _log(f"\nsweep interrupted after {_hms(time.time() - start)}: finished runs are on disk and the "
+         "interrupted one resumes from its last checkpoint; rerun the same command to continue.")
+    write_tables(sweep, workdir, command, grid)
+    raise
+  table = write_tables(sweep, workdir, command, grid)
+  _log(f"sweep done in {_hms(time.time() - start)}: {ran} ran, {counts['finished']} skipped, "
+       f"{len(failed)} failed; tables in {os.path.join(workdir, 'table.md')} and table.csv")
+  return SweepOutcome(len(runs), counts["finished"], ran, failed, table)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with bad flags and bad --config overrides answered in one paragraph."""
+  from absl import flags  # noqa: PLC0415
+  for arg in argv[1:]:
+    if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1].split(":")[0]):
+      print(f"error: the sweep config file {arg.split('=', 1)[1]!r} does not exist; the sweep "
+            "configs are in configs/sweeps/.", file=sys.stderr)
+      sys.exit(2)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as err:
+    message = str(err)
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as err:
+    # ml_collections raises these for unknown keys, wrong types and unreadable config files.
+    message = " ".join(str(err).replace("\\n", " ").replace("\\'", "'").strip("'\"").split())
+  print(f"error: bad command line: {message}\nUsage: python -m fednml_jax.sweep "
+        "--config=configs/sweeps/NAME.py --workdir=DIR [--table_only] [--config.KEY=VALUE ...]",
+        file=sys.stderr)
+  sys.exit(2)
+
+
+def _main_cli():
+  """`python -m fednml_jax.sweep`; the flags are defined here, not at import, because sweep config
+  files import this module (`sweep_config`) while it also runs as __main__."""
+  from absl import app, flags, logging  # noqa: PLC0415
+  from ml_collections import config_flags  # noqa: PLC0415
+
+  sweep_flag = config_flags.DEFINE_config_file("config", None, "A sweep config file in "
+                                               "configs/sweeps/.", lock_config=True)
+  workdir_flag = flags.DEFINE_string("workdir", None, "Folder of the sweep: one sub-folder per "
+                                     "run (<setting>/<method>/seed<k>), table.md, table.csv.")
+  table_only_flag = flags.DEFINE_bool("table_only", False, "Only rebuild table.md and table.csv "
+                                      "from the finished runs on disk.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+      # Orbax logs every checkpoint save at INFO, which buries the sweep's progress lines.
+      logging.set_verbosity(logging.WARNING)
+    command = "python -m fednml_jax.sweep " + shlex.join(sys.argv[1:])
+    try:
+      if table_only_flag.value:
+        print(write_tables(sweep_flag.value, workdir_flag.value, command))
+        return
+      outcome = run_sweep(sweep_flag.value, workdir_flag.value, command)
+    except UserError as err:
+      print(f"\nerror: {err}", file=sys.stderr)
+      sys.exit(2)
+    except KeyboardInterrupt:
+      # Everything is on disk (checkpoints are saved synchronously, the tables were written);
+      # skipping the interpreter's teardown avoids a crash in JAX's threads after an interrupt.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(130)
+    print(outcome.table)
+    if outcome.failed:
+      print(f"{len(outcome.failed)} run(s) failed (rerun the command after fixing them; finished "
+            "runs are skipped):", file=sys.stderr)
+      for name, message in outcome.failed:
+        print(f"- {name}: {message}", file=sys.stderr)
+      sys.exit(1)
+
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  _main_cli()
