@@ -20,6 +20,12 @@ def masked_bce_with_logits(logits, targets, class_mask):
   """
   per_entry = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32),
                                                  targets.astype(jnp.float32))
+  return masked_class_mean(per_entry, class_mask)
+
+
+def masked_class_mean(per_entry, class_mask):
+  """Mean over the last axis of `per_entry` (B, C) where `class_mask` ((C,) or (B, C)) is 1, 0 for
+  a row with no class in the mask; shape (B,)."""
   mask = jnp.broadcast_to(class_mask, per_entry.shape).astype(jnp.float32)
   return jnp.sum(per_entry * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
 

@@ -133,7 +133,7 @@ def test_estimated_noise_level_and_relabel_selection_by_hand():
   np.testing.assert_array_equal(np.flatnonzero(relabel_selection([1, 2, 2, 0], 0.25, 1.0)), [1])
   assert not relabel_selection(losses, 0.0, 0.5).any()
   level, flagged, reason = estimate_noise_level([0.5, 0.5, 0.5], seed=0)
-  assert level == 0.0 and not flagged.any() and "equal" in reason
+  assert level == 0.0 and not flagged.any() and "identical" in reason
 
 
 def test_relabel_confident_entries_by_hand():
@@ -267,7 +267,7 @@ def test_degenerate_lids_flag_nobody():
   # All accumulated LIDs 0: no client is noisy, nothing to relabel (and no device pass); every
   # client has level 0 and enters fine-tuning.
   assert changed and log["relabel"]["clients"] == [] and not new["noisy"].any()
-  assert "equal" in log["detection"]["lid_gmm_reason"]
+  assert "identical" in log["detection"]["lid_gmm_reason"]
   assert log["finetune_clients"] == [0, 1, 2, 3] and log["finetune_reason"] is None
 
 

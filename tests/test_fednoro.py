@@ -13,7 +13,7 @@ from fednml_jax.config import base_config
 from fednml_jax.engine.clients import ClientLayout
 from fednml_jax.errors import ConfigError
 from fednml_jax.methods import METHODS, FederatedSetup, RoundContext
-from fednml_jax.methods import fednoro
+from fednml_jax.methods import common, fednoro
 from fednml_jax.methods.fednoro import (FedNoRo, bernoulli_kd, client_class_losses,
                                         client_class_losses_single_label, detect_noisy_clients,
                                         fednoro_client_loss, fednoro_single_label_loss,
@@ -99,7 +99,7 @@ def test_degenerate_detections_flag_nobody(monkeypatch):
     def fit(self, features):
       raise ValueError("boom")
 
-  monkeypatch.setattr(fednoro, "GaussianMixture", Failing)
+  monkeypatch.setattr(common, "GaussianMixture", Failing)
   failed = detect_noisy_clients(np.array([[0.1, 0.2], [0.9, 0.8], [0.2, 0.1]]), num_seeds=3)
   assert not failed["noisy"].any() and "every GMM fit failed" in failed["reason"]
   assert len(failed["failures"]) == 3

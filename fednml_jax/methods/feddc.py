@@ -108,19 +108,16 @@ per-client `mu`; `sample_loss` (K, n_max), the latest pre-processing losses; `ag
 
 from __future__ import annotations
 
-import warnings
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.mixture import GaussianMixture
 
 from fednml_jax import aggregation
-from fednml_jax.errors import ConfigError
 from fednml_jax.losses import masked_bce_with_logits
+from fednml_jax.methods import common
 from fednml_jax.methods.base import Method
 
 LID_EPS = 1e-6  # the reference's `eps` in `lid_term`
@@ -178,37 +175,16 @@ def mixup_bce(logits, targets, permutation, lam, class_mask):
 
 
 # Host side: detection, noise estimate and relabelling (numpy) -------------------------------------
-def _fit_two_component_gmm(values, seed: int):
-  """`GaussianMixture(2, random_state=seed)` on 1-D `values`: (component of each value, index of
-  the lower-mean component, means), or a reason string when the fit is degenerate or raises."""
-  values = np.asarray(values, np.float64).reshape(-1, 1)
-  if values.shape[0] < 2:
-    return f"fewer than 2 values ({values.shape[0]})"
-  if not np.all(np.isfinite(values)):
-    return "non-finite values"
-  if np.ptp(values) == 0:
-    return "all values are equal"
-  gmm = GaussianMixture(n_components=2, random_state=seed)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", ConvergenceWarning)
-    try:
-      assignment = gmm.fit(values).predict(values)
-    except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:
-      return f"GMM fit failed: {type(err).__name__}: {err}"
-  means = gmm.means_[:, 0]
-  return assignment, int(np.argmin(means)), means
-
-
 def detect_noisy_clients_by_lid(lid_accumulated, seed: int):
   """FedCorr's client detection: 2-component GMM on the clients' accumulated LIDs; noisy = not in
   the component with the lower mean. Returns (noisy (K,) bool, component means or None, reason or
   None); a degenerate fit flags nobody."""
   lid_accumulated = np.asarray(lid_accumulated, np.float64)
-  fit = _fit_two_component_gmm(lid_accumulated, seed)
-  if isinstance(fit, str):
-    return np.zeros(lid_accumulated.shape[0], bool), None, fit
-  assignment, clean, means = fit
-  return assignment != clean, means.tolist(), None
+  assignment, gmm, reason = common.fit_two_component_gmm(lid_accumulated, seed)
+  if reason is not None:
+    return np.zeros(lid_accumulated.shape[0], bool), None, reason
+  means = gmm.means_[:, 0]
+  return assignment != int(np.argmin(means)), means.tolist(), None
 
 
 def estimate_noise_level(sample_losses, seed: int):
@@ -216,11 +192,10 @@ def estimate_noise_level(sample_losses, seed: int):
   samples outside the lower-mean component are the noisy ones. Returns (level, flagged (n,) bool,
   reason or None); a degenerate fit gives level 0 and flags nothing."""
   sample_losses = np.asarray(sample_losses, np.float64)
-  fit = _fit_two_component_gmm(sample_losses, seed)
-  if isinstance(fit, str):
-    return 0.0, np.zeros(sample_losses.shape[0], bool), fit
-  assignment, clean, _ = fit
-  flagged = assignment != clean
+  assignment, gmm, reason = common.fit_two_component_gmm(sample_losses, seed)
+  if reason is not None:
+    return 0.0, np.zeros(sample_losses.shape[0], bool), reason
+  flagged = assignment != int(np.argmin(gmm.means_[:, 0]))
   return float(flagged.mean()), flagged, None
 
 
@@ -247,12 +222,8 @@ def relabel_confident_entries(targets, probs, rows, annotated, confidence_thres:
   return new.astype(np.float32), written
 
 
-def _ratio(num, den):
-  return float(num) / float(den) if den else None
 
 
-def _mean_or_none(values):
-  return float(np.mean(values)) if len(values) else None
 
 
 # The method ---------------------------------------------------------------------------------------
@@ -280,12 +251,12 @@ class FedDC(Method):
     super().__init__(config, setup)
     self.cfg = cfg = config.feddc
     checks = [
-        ("preprocess_rounds", _is_int(cfg.preprocess_rounds) and cfg.preprocess_rounds >= 0,
+        ("preprocess_rounds", common.is_int(cfg.preprocess_rounds) and cfg.preprocess_rounds >= 0,
          "a non-negative integer"),
-        ("finetune_rounds", _is_int(cfg.finetune_rounds) and cfg.finetune_rounds >= 0,
+        ("finetune_rounds", common.is_int(cfg.finetune_rounds) and cfg.finetune_rounds >= 0,
          "a non-negative integer"),
         ("beta", np.isfinite(cfg.beta) and cfg.beta >= 0.0, "finite and non-negative"),
-        ("lid_k", _is_int(cfg.lid_k) and cfg.lid_k >= 1, "a positive integer"),
+        ("lid_k", common.is_int(cfg.lid_k) and cfg.lid_k >= 1, "a positive integer"),
         ("relabel_ratio", 0.0 <= cfg.relabel_ratio <= 1.0, "in [0, 1]"),
         ("confidence_thres", 0.0 <= cfg.confidence_thres < 1.0, "in [0, 1)"),
         ("clean_set_thres", 0.0 <= cfg.clean_set_thres <= 1.0, "in [0, 1]"),
@@ -293,9 +264,7 @@ class FedDC(Method):
         ("mixup_alpha", np.isfinite(cfg.mixup_alpha) and cfg.mixup_alpha >= 0.0,
          "finite and non-negative"),
     ]
-    for key, ok, what in checks:
-      if not ok:
-        raise ConfigError(f"config.feddc.{key} = {cfg[key]!r} must be {what}.")
+    common.check_constants("feddc", cfg, checks)
     finetune_end = cfg.preprocess_rounds + cfg.finetune_rounds
     if finetune_end >= config.rounds:
       logging.warning(
@@ -387,9 +356,9 @@ class FedDC(Method):
           "label_error_rate": float(label_errors[k, rows].mean()) if rows.any() else 0.0,
           "loss_gmm_reason": reason,
           "flagged_samples": None if flagged is None else int(flagged.sum()),
-          "flagged_precision": None if flagged is None else _ratio((flagged & truth).sum(),
+          "flagged_precision": None if flagged is None else common.ratio((flagged & truth).sum(),
                                                                    flagged.sum()),
-          "flagged_recall": None if flagged is None else _ratio((flagged & truth).sum(),
+          "flagged_recall": None if flagged is None else common.ratio((flagged & truth).sum(),
                                                                 truth.sum()),
       })
     rates = np.asarray(rates)
@@ -400,8 +369,8 @@ class FedDC(Method):
         "clean_clients": np.flatnonzero(~flagged_clients).tolist(),
         "lid_gmm_means": lid_means,
         "lid_gmm_reason": lid_reason,
-        "mean_corruption_flagged": _mean_or_none(rates[flagged_clients]),
-        "mean_corruption_clean": _mean_or_none(rates[~flagged_clients]),
+        "mean_corruption_flagged": common.mean_or_none(rates[flagged_clients]),
+        "mean_corruption_clean": common.mean_or_none(rates[~flagged_clients]),
         "noise_level_mean_abs_error": float(np.mean(np.abs(levels - rates))),
         "clients": clients,
     }
@@ -446,8 +415,8 @@ class FedDC(Method):
       logging.info("feddc round %d (%s relabelling): %d entries written, %d changed (%s now "
                    "right); annotated label accuracy %s → %s", rnd, relabel_kind,
                    overall["written_entries"], overall["changed_entries"],
-                   _fmt(overall["changed_correct_rate"]), _fmt(overall["label_acc_before"]),
-                   _fmt(overall["label_acc_after"]))
+                   common.fmt(overall["changed_correct_rate"]), common.fmt(overall["label_acc_before"]),
+                   common.fmt(overall["label_acc_after"]))
     if finetune_start:
       levels = np.asarray(new_state["noise_level"])
       real = layout.counts > 0
@@ -551,18 +520,14 @@ class FedDC(Method):
 def _relabel_rates(c: dict) -> dict:
   return {
       "selected_samples": c["selected"],
-      "selected_corrupted_rate": _ratio(c["selected_corrupted"], c["selected"]),
+      "selected_corrupted_rate": common.ratio(c["selected_corrupted"], c["selected"]),
       "written_entries": c["written"],
       "changed_entries": c["changed"],
-      "changed_correct_rate": _ratio(c["changed_correct"], c["changed"]),
-      "label_acc_before": _ratio(c["correct_before"], c["annotated"]),
-      "label_acc_after": _ratio(c["correct_after"], c["annotated"]),
+      "changed_correct_rate": common.ratio(c["changed_correct"], c["changed"]),
+      "label_acc_before": common.ratio(c["correct_before"], c["annotated"]),
+      "label_acc_after": common.ratio(c["correct_after"], c["annotated"]),
   }
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _fmt(value):
-  return "n/a" if value is None else f"{value:.3f}"

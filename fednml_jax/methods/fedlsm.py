@@ -103,7 +103,7 @@ import optax
 from absl import logging
 
 from fednml_jax import aggregation
-from fednml_jax.errors import ConfigError
+from fednml_jax.methods import common
 from fednml_jax.methods.base import Method
 
 
@@ -233,12 +233,8 @@ def global_pos_weight(labels):
   return np.where(positives > 0, negatives / np.maximum(positives, 1), 0.0).astype(np.float32)
 
 
-def _ratio(num, den):
-  return float(num) / float(den) if den else None
 
 
-def _fmt(value):
-  return "n/a" if value is None else f"{value:.3f}"
 
 
 # The method ---------------------------------------------------------------------------------------
@@ -281,9 +277,7 @@ class FedLSM(Method):
          "a positive integer"),
         ("reference_reduction", isinstance(cfg.reference_reduction, bool), "True or False"),
     ]
-    for key, ok, what in checks:
-      if not ok:
-        raise ConfigError(f"config.fedlsm.{key} = {cfg[key]!r} must be {what}.")
+    common.check_constants("fedlsm", cfg, checks)
     layout = setup.layout
     self.observed = layout.gather(np.asarray(setup.observed_labels, np.float32))
     real = layout.sample_index[layout.valid]
@@ -367,8 +361,8 @@ class FedLSM(Method):
     overall = record["pseudo_labels"]
     logging.info("fedlsm round %d: global-model pseudo-labels cover %s of missing entries "
                  "(accuracy %s, positive precision %s, recall %s); pools %s", ctx.round,
-                 _fmt(overall["coverage"]), _fmt(overall["accuracy"]),
-                 _fmt(overall["positive_precision"]), _fmt(overall["positive_recall"]),
+                 common.fmt(overall["coverage"]), common.fmt(overall["accuracy"]),
+                 common.fmt(overall["positive_precision"]), common.fmt(overall["positive_recall"]),
                  [(c["uncertain_pool"], c["confident_pool"]) for c in clients])
     return new_state, True, record
 
@@ -378,10 +372,10 @@ class FedLSM(Method):
     against the clean labels, precision of the pseudo-positives and the share of the missing
     entries' true positives they find; None where undefined."""
     return {"missing_entries": c["missing_entries"], "pseudo_positives": c["pseudo_positives"],
-            "coverage": _ratio(c["confident"], c["missing_entries"]),
-            "accuracy": _ratio(c["correct"], c["confident"]),
-            "positive_precision": _ratio(c["true_pseudo_positives"], c["pseudo_positives"]),
-            "positive_recall": _ratio(c["true_pseudo_positives"], c["missing_positives"])}
+            "coverage": common.ratio(c["confident"], c["missing_entries"]),
+            "accuracy": common.ratio(c["correct"], c["confident"]),
+            "positive_precision": common.ratio(c["true_pseudo_positives"], c["pseudo_positives"]),
+            "positive_recall": common.ratio(c["true_pseudo_positives"], c["missing_positives"])}
 
   def after_round(self, rnd: int, state: dict, outputs: dict):
     """Keeps what the clients' EMA teachers pseudo-labelled during round `rnd`; the next round's
@@ -393,19 +387,19 @@ class FedLSM(Method):
     seen = {key: state[f"training_{key}"][:num_real] for key in _TRAINING_KEYS}
     logging.info("fedlsm round %d: EMA teachers' pseudo-labels covered %s of the missing entries "
                  "seen in training", rnd,
-                 _fmt(_ratio(seen["confident_missing"].sum(), seen["missing_entries"].sum())))
+                 common.fmt(common.ratio(seen["confident_missing"].sum(), seen["missing_entries"].sum())))
     return state, False, {}
 
   @staticmethod
   def _training_record(state: dict, num_real: int) -> dict:
     seen = {key: np.asarray(state[f"training_{key}"])[:num_real] for key in _TRAINING_KEYS}
     clients = [{"client": k,
-                "coverage": _ratio(seen["confident_missing"][k], seen["missing_entries"][k]),
+                "coverage": common.ratio(seen["confident_missing"][k], seen["missing_entries"][k]),
                 "pseudo_positives": seen["pseudo_positives"][k].tolist(),
                 "observed_positives": seen["observed_positives"][k].tolist()}
                for k in range(num_real)]
     return {"round": int(state["training_round"]),
-            "coverage": _ratio(seen["confident_missing"].sum(), seen["missing_entries"].sum()),
+            "coverage": common.ratio(seen["confident_missing"].sum(), seen["missing_entries"].sum()),
             "clients": clients}
 
   # Device side ---------------------------------------------------------------------------------

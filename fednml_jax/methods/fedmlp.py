@@ -82,9 +82,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from fednml_jax.errors import ConfigError
+from fednml_jax.losses import masked_class_mean
+from fednml_jax.methods import common
 from fednml_jax.methods.base import Method
-from fednml_jax.methods.fednoro import _is_int, _masked_class_mean
 
 COSINE_EPS = 1e-8
 
@@ -101,10 +101,10 @@ def stage1_loss(logits_views, teacher_logits_views, targets, class_mask):
   for logits, teacher in zip(logits_views, teacher_logits_views):
     logits = logits.astype(jnp.float32)
     bce = optax.sigmoid_binary_cross_entropy(logits, targets)
-    supervised.append(_masked_class_mean(bce, class_mask))
+    supervised.append(masked_class_mean(bce, class_mask))
     soft_teacher = jax.nn.sigmoid(jax.lax.stop_gradient(teacher).astype(jnp.float32))
     squared = jnp.square(jax.nn.sigmoid(logits) - soft_teacher)
-    distilled.append(_masked_class_mean(squared, 1.0 - class_mask))
+    distilled.append(masked_class_mean(squared, 1.0 - class_mask))
   return sum(supervised) / len(supervised) + sum(distilled) / len(distilled)
 
 
@@ -225,14 +225,12 @@ class FedMLP(Method):
     super().__init__(config, setup)
     self.cfg = cfg = config.fedmlp
     checks = [
-        ("stage1_rounds", _is_int(cfg.stage1_rounds) and cfg.stage1_rounds >= 0,
+        ("stage1_rounds", common.is_int(cfg.stage1_rounds) and cfg.stage1_rounds >= 0,
          "a non-negative integer"),
         ("negative_fraction", 0.0 <= cfg.negative_fraction <= 1.0, "in [0, 1]"),
         ("positive_fraction", 0.0 <= cfg.positive_fraction <= 1.0, "in [0, 1]"),
     ]
-    for key, ok, what in checks:
-      if not ok:
-        raise ConfigError(f"config.fedmlp.{key} = {cfg[key]!r} must be {what}.")
+    common.check_constants("fedmlp", cfg, checks)
     if cfg.stage1_rounds == 0:
       logging.warning("config.fedmlp.stage1_rounds = 0: prototypes come from the initial "
                       "(untrained) global model.")
@@ -284,8 +282,8 @@ class FedMLP(Method):
     total = record["total"]
     logging.info("fedmlp round %d: +%d/+%d pseudo-negatives/positives, so far %d (acc %s) / %d "
                  "(acc %s)", rnd, record["added"]["negatives"], record["added"]["positives"],
-                 total["negatives"], _fmt(total["negative_accuracy"]), total["positives"],
-                 _fmt(total["positive_accuracy"]))
+                 total["negatives"], common.fmt(total["negative_accuracy"]), total["positives"],
+                 common.fmt(total["positive_accuracy"]))
     changed = bool(new_negative.any() or new_positive.any())
     return new_state, changed, record
 
@@ -328,5 +326,3 @@ class FedMLP(Method):
                                    ctx.weight), {}
 
 
-def _fmt(value):
-  return "n/a" if value is None else f"{value:.3f}"

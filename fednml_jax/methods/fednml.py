@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -61,11 +60,9 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.mixture import GaussianMixture
 
 from fednml_jax import plots
-from fednml_jax.errors import ConfigError
+from fednml_jax.methods import common
 from fednml_jax.methods.base import Method
 
 # A 2-component full-covariance GMM in 2-D has 11 parameters; below this many samples its fit says
@@ -126,25 +123,10 @@ def fit_noise_gmm(features: np.ndarray, seed: int = 0):
   Returns `(noisy, reason, gmm)`: a bool mask (n,); None, or a short reason why the fit was
   skipped (then `noisy` is all False); and the fitted mixture (None when skipped).
   """
-  features = np.asarray(features, np.float64)
-  n = features.shape[0]
-  none = np.zeros(n, bool)
-  if n < MIN_GMM_SAMPLES:
-    return none, f"too few samples for the GMM ({n} < {MIN_GMM_SAMPLES})", None
-  if not np.all(np.isfinite(features)):
-    return none, "non-finite GMM features", None
-  if len(np.unique(features, axis=0)) < 2:
-    return none, "identical GMM features (zero variance)", None
-  gmm = GaussianMixture(n_components=2, random_state=seed)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", ConvergenceWarning)
-    try:
-      gmm.fit(features)
-      assignment = gmm.predict(features)
-    except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:
-      return none, f"GMM fit failed: {type(err).__name__}: {err}", None
-  if not gmm.converged_:
-    return none, "GMM did not converge", None
+  assignment, gmm, reason = common.fit_two_component_gmm(
+      features, seed, min_samples=MIN_GMM_SAMPLES, require_convergence=True)
+  if reason is not None:
+    return np.zeros(np.shape(features)[0], bool), reason, None
   noisy_component = int(np.argmin(gmm.means_[:, 0]))
   return assignment == noisy_component, None, gmm
 
@@ -252,8 +234,6 @@ def _label_quality_counts(*, before, after, pseudo, noisy, corrupted, clean, ann
   }
 
 
-def _ratio(num, den):
-  return float(num) / float(den) if den else None
 
 
 def _label_quality_ratios(c: dict) -> dict:
@@ -265,22 +245,22 @@ def _label_quality_ratios(c: dict) -> dict:
   recall of true positives in the table (Ŷ > 0.5 where the clean label is 1) on annotated entries
   before/after and on missing-class entries after (tables are mostly negatives, so accuracy alone
   hides positives the refinement erases). None where a ratio is undefined."""
-  hard = _ratio(c["written_hard"], c["written_entries"])
+  hard = common.ratio(c["written_hard"], c["written_entries"])
   return {
       "flagged": c["flagged"],
-      "noisy_precision": _ratio(c["flagged_corrupted"], c["flagged"]),
-      "noisy_recall": _ratio(c["flagged_corrupted"], c["corrupted"]),
-      "annotated_label_acc_before": _ratio(c["annotated_correct_before"], c["annotated_entries"]),
-      "annotated_label_acc": _ratio(c["annotated_correct_after"], c["annotated_entries"]),
-      "annotated_label_mae_before": _ratio(c["annotated_abs_error_before"], c["annotated_entries"]),
-      "annotated_label_mae": _ratio(c["annotated_abs_error_after"], c["annotated_entries"]),
-      "corrupted_label_acc_before": _ratio(c["corrupted_correct_before"], c["corrupted_entries"]),
-      "corrupted_label_acc": _ratio(c["corrupted_correct_after"], c["corrupted_entries"]),
-      "missing_label_acc_before": _ratio(c["missing_correct_before"], c["missing_entries"]),
-      "missing_label_acc": _ratio(c["missing_correct_after"], c["missing_entries"]),
-      "positive_label_recall_before": _ratio(c["positives_kept_before"], c["annotated_positives"]),
-      "positive_label_recall": _ratio(c["positives_kept_after"], c["annotated_positives"]),
-      "missing_positive_recall": _ratio(c["missing_positives_found_after"], c["missing_positives"]),
+      "noisy_precision": common.ratio(c["flagged_corrupted"], c["flagged"]),
+      "noisy_recall": common.ratio(c["flagged_corrupted"], c["corrupted"]),
+      "annotated_label_acc_before": common.ratio(c["annotated_correct_before"], c["annotated_entries"]),
+      "annotated_label_acc": common.ratio(c["annotated_correct_after"], c["annotated_entries"]),
+      "annotated_label_mae_before": common.ratio(c["annotated_abs_error_before"], c["annotated_entries"]),
+      "annotated_label_mae": common.ratio(c["annotated_abs_error_after"], c["annotated_entries"]),
+      "corrupted_label_acc_before": common.ratio(c["corrupted_correct_before"], c["corrupted_entries"]),
+      "corrupted_label_acc": common.ratio(c["corrupted_correct_after"], c["corrupted_entries"]),
+      "missing_label_acc_before": common.ratio(c["missing_correct_before"], c["missing_entries"]),
+      "missing_label_acc": common.ratio(c["missing_correct_after"], c["missing_entries"]),
+      "positive_label_recall_before": common.ratio(c["positives_kept_before"], c["annotated_positives"]),
+      "positive_label_recall": common.ratio(c["positives_kept_after"], c["annotated_positives"]),
+      "missing_positive_recall": common.ratio(c["missing_positives_found_after"], c["missing_positives"]),
       "hard_fraction": hard,
       "soft_fraction": None if hard is None else 1.0 - hard,
       **{k: c[k] for k in ("samples", "corrupted", "flagged_corrupted", "written_entries")},
@@ -324,9 +304,7 @@ class FedNML(Method):
         ("tau", cfg.tau >= 0.0, "non-negative"),
         ("gmm_seed", cfg.gmm_seed >= 0, "non-negative"),
     ]
-    for key, ok, what in checks:
-      if not ok:
-        raise ConfigError(f"config.fednml.{key} = {cfg[key]!r} must be {what}.")
+    common.check_constants("fednml", cfg, checks)
 
   # Schedule ------------------------------------------------------------------------------------
   def phase(self, rnd: int) -> str:
@@ -416,10 +394,10 @@ class FedNML(Method):
     overall = record["overall"]
     logging.info("fednml round %d refinement %d: %d flagged (precision %s, recall %s), corrupted "
                  "label acc %s → %s, missing label acc %s → %s", rnd, record["refinement"],
-                 overall["flagged"], _fmt(overall["noisy_precision"]),
-                 _fmt(overall["noisy_recall"]), _fmt(overall["corrupted_label_acc_before"]),
-                 _fmt(overall["corrupted_label_acc"]), _fmt(overall["missing_label_acc_before"]),
-                 _fmt(overall["missing_label_acc"]))
+                 overall["flagged"], common.fmt(overall["noisy_precision"]),
+                 common.fmt(overall["noisy_recall"]), common.fmt(overall["corrupted_label_acc_before"]),
+                 common.fmt(overall["corrupted_label_acc"]), common.fmt(overall["missing_label_acc_before"]),
+                 common.fmt(overall["missing_label_acc"]))
     return new_state, True, record
 
   # Device side ---------------------------------------------------------------------------------
@@ -430,5 +408,3 @@ class FedNML(Method):
                                   scalars["w_kd"], tau=self.cfg.tau)
 
 
-def _fmt(value):
-  return "n/a" if value is None else f"{value:.3f}"

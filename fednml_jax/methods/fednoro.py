@@ -73,7 +73,6 @@ Host state (plain numpy, checkpointable): `noisy` (K,) bool (all False until det
 from __future__ import annotations
 
 import collections
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -81,11 +80,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.mixture import GaussianMixture
 
 from fednml_jax import aggregation
-from fednml_jax.errors import ConfigError
+from fednml_jax.losses import masked_class_mean
+from fednml_jax.methods import common
 from fednml_jax.methods.base import Method
 from fednml_jax.methods.fednml import _bce_on_probabilities, kd_weight
 
@@ -104,17 +102,12 @@ def adjusted_logits(logits, targets, class_prior, tau=1.0):
   return logits.astype(jnp.float32) + tau * shift
 
 
-def _masked_class_mean(per_entry, class_mask):
-  mask = jnp.broadcast_to(class_mask, per_entry.shape).astype(jnp.float32)
-  return jnp.sum(per_entry * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-
-
 def logit_adjusted_bce(logits, targets, class_prior, class_mask, tau=1.0):
   """FedNoRo's `LogitAdjust` for sigmoid outputs: BCE-with-logits on `adjusted_logits`, mean over
   the classes where `class_mask` is 1; shape (B,)."""
   z = adjusted_logits(logits, targets, class_prior, tau)
   per_entry = optax.sigmoid_binary_cross_entropy(z, targets.astype(jnp.float32))
-  return _masked_class_mean(per_entry, class_mask)
+  return masked_class_mean(per_entry, class_mask)
 
 
 def bernoulli_kd(student_logits, teacher_logits, temperature=0.8):
@@ -166,9 +159,9 @@ def fednoro_client_loss(logits, targets, teacher_logits, class_prior, class_mask
   FedNoRo's `LA_KD`: KD is `bernoulli_kd` on the adjusted logits z', both terms averaged over the
   annotated classes. `noisy` is the client's 0/1 flag (a traced scalar: a mask, not a branch)."""
   z = adjusted_logits(logits, targets, class_prior, tau)
-  la = _masked_class_mean(optax.sigmoid_binary_cross_entropy(z, targets.astype(jnp.float32)),
+  la = masked_class_mean(optax.sigmoid_binary_cross_entropy(z, targets.astype(jnp.float32)),
                           class_mask)
-  kd = _masked_class_mean(bernoulli_kd(z, teacher_logits, temperature), class_mask)
+  kd = masked_class_mean(bernoulli_kd(z, teacher_logits, temperature), class_mask)
   a = jnp.asarray(noisy, jnp.float32) * jnp.asarray(w_kd, jnp.float32)
   return (1.0 - a) * la + a * kd
 
@@ -243,14 +236,10 @@ def vote_noisy_clients(features, num_seeds=9):
   votes = np.zeros(num_clients, np.int64)
   sets, failures = [], []
   for seed in range(num_seeds):
-    gmm = GaussianMixture(n_components=2, random_state=seed)
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", ConvergenceWarning)
-      try:
-        assignment = gmm.fit(features).predict(features)
-      except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:
-        failures.append(f"seed {seed}: {type(err).__name__}: {err}")
-        continue
+    assignment, gmm, reason = common.fit_two_component_gmm(features, seed)
+    if reason is not None:
+      failures.append(f"seed {seed}: {reason}")
+      continue
     flagged = assignment == int(np.argmax(gmm.means_.sum(axis=1)))
     votes += flagged
     sets.append(tuple(np.flatnonzero(flagged).tolist()))
@@ -296,14 +285,83 @@ def detect_noisy_clients(loss_matrix, num_seeds=9):
   return out
 
 
-def _nan_to_none(matrix):
-  if matrix is None:
-    return None
-  return [[None if np.isnan(v) else float(v) for v in row] for row in np.asarray(matrix)]
 
 
-def _mean_or_none(values):
-  return float(np.mean(values)) if len(values) else None
+
+
+# The detection step, shared with MaskedOptim and FedELC ------------------------------------------
+def detection_client_arrays(per_client: dict, class_prior, state: dict, num_clients: int) -> dict:
+  """`per_client` plus the arrays the detection-based losses and aggregations read: the clients'
+  class priors, their 0/1 `noisy` flags and the same 0/1 `detected` for every client (which lets
+  a traced aggregation switch rules after detection)."""
+  return dict(per_client, class_prior=class_prior,
+              noisy=np.asarray(state["noisy"], np.float32),
+              detected=np.full(num_clients, float(int(state["detected"])), np.float32))
+
+
+def detect_from_predictions(*, method: str, setup, task, probs, gmm_seeds: int, rnd: int):
+  """FedNoRo's detection from the global model's (K, n_max, C) probabilities on every client's
+  slots: the (client, class) loss matrix (per-class BCE on annotated classes, or class-wise
+  cross-entropy for a single-label task), `detect_noisy_clients`, and a `detection` record that
+  compares the result with the simulation's ground truth. Returns (noisy (K,) bool over the
+  layout's clients, padding False; record)."""
+  layout = setup.layout
+  num_real = layout.num_real_clients
+  probs = np.asarray(probs, np.float64)[:num_real]
+  labels = layout.gather(np.asarray(setup.observed_labels, np.float32))[:num_real]
+  if task.name == "singlelabel":
+    losses = client_class_losses_single_label(probs, labels, layout.valid[:num_real])
+  else:
+    losses = client_class_losses(probs, labels, layout.valid[:num_real],
+                                 np.asarray(setup.annotated, bool)[:num_real])
+  result = detect_noisy_clients(losses, gmm_seeds)
+  noisy = np.zeros(layout.num_clients, bool)
+  noisy[:num_real] = result["noisy"]
+  if result["reason"] is not None:
+    logging.warning("%s round %d: %s; every client is treated as clean.", method, rnd,
+                    result["reason"])
+  for failure in result["failures"]:
+    logging.warning("%s round %d: GMM fit failed, left out of the vote (%s).", method, rnd,
+                    failure)
+  record = detection_record(setup, rnd, losses, result, gmm_seeds)
+  logging.info("%s round %d: noisy clients %s (detection precision %s, recall %s; true corruption "
+               "rate: flagged %s, clean %s)", method, rnd, record["noisy_clients"],
+               common.fmt(record["precision"]), common.fmt(record["recall"]),
+               common.fmt(record["mean_corruption_flagged"]),
+               common.fmt(record["mean_corruption_clean"]))
+  return noisy, record
+
+
+def detection_record(setup, rnd, losses, result, gmm_seeds) -> dict:
+  """The JSON record of one detection: the flagged and clean clients, each client's votes and
+  true corruption rate, precision and recall against the clients the simulation corrupted at all,
+  the loss matrix before and after normalisation, and why nothing was flagged, if so."""
+  layout = setup.layout
+  num_real = layout.num_real_clients
+  corrupted = layout.gather(np.asarray(setup.corrupted, bool), fill=False)[:num_real]
+  hits = corrupted.sum(axis=1)
+  counts = layout.counts[:num_real]
+  rates = hits / np.maximum(counts, 1)
+  flagged = np.asarray(result["noisy"], bool)
+  truth = hits > 0
+  return {
+      "round": rnd,
+      "noisy_clients": np.flatnonzero(flagged).tolist(),
+      "clean_clients": np.flatnonzero(~flagged).tolist(),
+      "reason": result["reason"],
+      "gmm_seeds": int(gmm_seeds),
+      "gmm_failures": result["failures"],
+      "constant_classes": result["constant_classes"],
+      "precision": common.ratio((flagged & truth).sum(), flagged.sum()),
+      "recall": common.ratio((flagged & truth).sum(), truth.sum()),
+      "mean_corruption_flagged": common.mean_or_none(rates[flagged]),
+      "mean_corruption_clean": common.mean_or_none(rates[~flagged]),
+      "loss_matrix": common.nan_to_none(losses),
+      "normalised": common.nan_to_none(result["normalised"]),
+      "clients": [{"client": k, "noisy": bool(flagged[k]), "votes": int(result["votes"][k]),
+                   "samples": int(counts[k]), "corrupted": int(hits[k]),
+                   "corruption_rate": float(rates[k])} for k in range(num_real)],
+  }
 
 
 # The method ---------------------------------------------------------------------------------------
@@ -329,20 +387,18 @@ class FedNoRo(Method):
     super().__init__(config, setup)
     self.cfg = cfg = config.fednoro
     checks = [
-        ("warmup_rounds", _is_int(cfg.warmup_rounds) and cfg.warmup_rounds >= 0,
+        ("warmup_rounds", common.is_int(cfg.warmup_rounds) and cfg.warmup_rounds >= 0,
          "a non-negative integer"),
-        ("ramp_end", _is_int(cfg.ramp_end) and cfg.ramp_end >= 0, "a non-negative integer"),
+        ("ramp_end", common.is_int(cfg.ramp_end) and cfg.ramp_end >= 0, "a non-negative integer"),
         ("kd_ceiling", 0.0 <= cfg.kd_ceiling <= 1.0, "in [0, 1]"),
         ("kd_exponent", np.isfinite(cfg.kd_exponent) and cfg.kd_exponent <= 0.0,
          "finite and ≤ 0"),
         ("kd_temperature", np.isfinite(cfg.kd_temperature) and cfg.kd_temperature > 0.0,
          "positive"),
         ("tau", np.isfinite(cfg.tau) and cfg.tau >= 0.0, "non-negative"),
-        ("gmm_seeds", _is_int(cfg.gmm_seeds) and cfg.gmm_seeds >= 1, "a positive integer"),
+        ("gmm_seeds", common.is_int(cfg.gmm_seeds) and cfg.gmm_seeds >= 1, "a positive integer"),
     ]
-    for key, ok, what in checks:
-      if not ok:
-        raise ConfigError(f"config.fednoro.{key} = {cfg[key]!r} must be {what}.")
+    common.check_constants("fednoro", cfg, checks)
     if cfg.warmup_rounds == 0:
       logging.warning("config.fednoro.warmup_rounds = 0: noisy clients are detected with the "
                       "initial (untrained) global model.")
@@ -377,72 +433,17 @@ class FedNoRo(Method):
 
   def client_arrays(self, state: dict) -> tuple[dict, dict]:
     per_sample, per_client = super().client_arrays(state)
-    num_clients = self.setup.layout.num_clients
-    per_client = dict(
-        per_client,
-        class_prior=self.class_prior,
-        noisy=np.asarray(state["noisy"], np.float32),
-        # The same 0/1 for every client: lets the traced aggregation pick DaAgg after detection.
-        detected=np.full(num_clients, float(int(state["detected"])), np.float32))
-    return per_sample, per_client
+    return per_sample, detection_client_arrays(per_client, self.class_prior, state,
+                                               self.setup.layout.num_clients)
 
   def before_round(self, ctx, state: dict):
     rnd = ctx.round
     if rnd < self.cfg.warmup_rounds or int(state["detected"]):
       return state, False, {}
-    setup = self.setup
-    layout = setup.layout
-    num_real = layout.num_real_clients
-    probs = np.asarray(ctx.predict_train(), np.float64)[:num_real]
-    labels = layout.gather(np.asarray(setup.observed_labels, np.float32))[:num_real]
-    annotated = np.asarray(setup.annotated, bool)[:num_real]
-    if self.task.name == "singlelabel":
-      losses = client_class_losses_single_label(probs, labels, layout.valid[:num_real])
-    else:
-      losses = client_class_losses(probs, labels, layout.valid[:num_real], annotated)
-    result = detect_noisy_clients(losses, self.cfg.gmm_seeds)
-    noisy = np.zeros(layout.num_clients, bool)
-    noisy[:num_real] = result["noisy"]
-    new_state = {"noisy": noisy, "detected": np.int32(1)}
-    if result["reason"] is not None:
-      logging.warning("fednoro round %d: %s; every client is treated as clean.", rnd,
-                      result["reason"])
-    for failure in result["failures"]:
-      logging.warning("fednoro round %d: GMM fit failed, left out of the vote (%s).", rnd, failure)
-    record = {"detection": self._detection_record(rnd, losses, result)}
-    det = record["detection"]
-    logging.info("fednoro round %d: noisy clients %s (true corruption rate: flagged %s, clean "
-                 "%s)", rnd, det["noisy_clients"], _fmt(det["mean_corruption_flagged"]),
-                 _fmt(det["mean_corruption_clean"]))
-    return new_state, True, record
-
-  def _detection_record(self, rnd, losses, result) -> dict:
-    layout = self.setup.layout
-    corrupted = layout.gather(np.asarray(self.setup.corrupted, bool), fill=False)
-    clients, rates = [], []
-    for k in range(layout.num_real_clients):
-      n = int(layout.counts[k])
-      hit = int(corrupted[k, layout.valid[k]].sum())
-      rates.append(hit / n if n else 0.0)
-      clients.append({"client": k, "noisy": bool(result["noisy"][k]),
-                      "votes": int(result["votes"][k]), "samples": n, "corrupted": hit,
-                      "corruption_rate": rates[-1]})
-    rates = np.asarray(rates)
-    flagged = np.asarray(result["noisy"], bool)
-    return {
-        "round": rnd,
-        "noisy_clients": np.flatnonzero(flagged).tolist(),
-        "clean_clients": np.flatnonzero(~flagged).tolist(),
-        "reason": result["reason"],
-        "gmm_seeds": int(self.cfg.gmm_seeds),
-        "gmm_failures": result["failures"],
-        "constant_classes": result["constant_classes"],
-        "mean_corruption_flagged": _mean_or_none(rates[flagged]),
-        "mean_corruption_clean": _mean_or_none(rates[~flagged]),
-        "loss_matrix": _nan_to_none(losses),
-        "normalised": _nan_to_none(result["normalised"]),
-        "clients": clients,
-    }
+    noisy, record = detect_from_predictions(method=self.name, setup=self.setup, task=self.task,
+                                            probs=ctx.predict_train(),
+                                            gmm_seeds=self.cfg.gmm_seeds, rnd=rnd)
+    return {"noisy": noisy, "detected": np.int32(1)}, True, {"detection": record}
 
   # Device side ---------------------------------------------------------------------------------
   def client_loss(self, phase, *, logits, batch, client, teacher_logits, scalars):
@@ -474,9 +475,5 @@ class FedNoRo(Method):
     return jax.lax.cond(jnp.max(per_client["detected"]) > 0, robust, configured)
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _fmt(value):
-  return "n/a" if value is None else f"{value:.3f}"

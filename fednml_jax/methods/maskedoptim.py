@@ -106,18 +106,14 @@ import optax
 from absl import logging
 
 from fednml_jax import aggregation
-from fednml_jax.errors import ConfigError
+from fednml_jax.losses import masked_class_mean
+from fednml_jax.methods import common
 from fednml_jax.methods.base import Method
-from fednml_jax.methods.fednoro import (_fmt, _is_int, _mean_or_none, _nan_to_none,
-                                        client_class_losses, detect_noisy_clients,
+from fednml_jax.methods.fednoro import (detect_from_predictions, detection_client_arrays,
                                         logit_adjusted_bce)
 
 
 # Device side: losses (pure, per sample) -----------------------------------------------------------
-def _annotated_mean(per_entry, class_mask):
-  mask = jnp.broadcast_to(class_mask, per_entry.shape).astype(jnp.float32)
-  return jnp.sum(per_entry * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-
 
 def bernoulli_entropy(logits):
   """Per-entry entropy `H(Bern(σ(z)))` from logits (gradient flows into z)."""
@@ -157,12 +153,12 @@ def label_correction_loss(logits, label_logits, targets, class_mask, weight, *,
   `targets` (B, C) the observed labels, `weight` (B,) the batch weights (0 on padding). `mask` is
   `lowest_loss_mask` of the supervised BCE with `valid_fraction` (1.0: every real sample, FedELC).
   The reference's `Lc/C + α·Lo + β·Le/C` with its `/C` as the class average."""
-  kl = _annotated_mean(bernoulli_kl(logits, label_logits), class_mask)
-  entropy = _annotated_mean(bernoulli_entropy(logits), class_mask)
+  kl = masked_class_mean(bernoulli_kl(logits, label_logits), class_mask)
+  entropy = masked_class_mean(bernoulli_entropy(logits), class_mask)
   targets = targets.astype(jnp.float32)
-  compatibility = _annotated_mean(
+  compatibility = masked_class_mean(
       optax.sigmoid_binary_cross_entropy(label_logits.astype(jnp.float32), targets), class_mask)
-  supervised = _annotated_mean(
+  supervised = masked_class_mean(
       optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets), class_mask)
   valid = lowest_loss_mask(supervised, weight, valid_fraction)
   return kl + compatibility_weight * valid * compatibility + entropy_weight * entropy
@@ -209,13 +205,6 @@ def label_accuracy(label_logits, reference, entries):
   return float(agree[entries].mean())
 
 
-def _precision_recall(flagged, truth):
-  hits = int((flagged & truth).sum())
-  precision = hits / int(flagged.sum()) if flagged.any() else None
-  recall = hits / int(truth.sum()) if truth.any() else None
-  return precision, recall
-
-
 # The methods --------------------------------------------------------------------------------------
 class MaskedOptim(Method):
   """MaskedOptim (ALGORITHMS.md §3); see the module docstring for the multi-label adaptation.
@@ -241,9 +230,7 @@ class MaskedOptim(Method):
   def __init__(self, config, setup):
     super().__init__(config, setup)
     self.cfg = cfg = config[self.name]
-    for key, ok, what in self._config_checks(cfg):
-      if not ok:
-        raise ConfigError(f"config.{self.name}.{key} = {cfg[key]!r} must be {what}.")
+    common.check_constants(self.name, cfg, self._config_checks(cfg))
     if cfg.warmup_rounds == 0:
       logging.warning("config.%s.warmup_rounds = 0: noisy clients are detected with the initial "
                       "(untrained) global model.", self.name)
@@ -274,70 +261,19 @@ class MaskedOptim(Method):
 
   def client_arrays(self, state: dict) -> tuple[dict, dict]:
     per_sample, per_client = super().client_arrays(state)
-    num_clients = self.setup.layout.num_clients
     per_sample = dict(per_sample, label_logits=np.asarray(state["label_logits"], np.float32))
-    per_client = dict(
-        per_client,
-        class_prior=self.class_prior,
-        noisy=np.asarray(state["noisy"], np.float32),
-        # The same 0/1 for every client: lets the traced aggregation switch after detection.
-        detected=np.full(num_clients, float(int(state["detected"])), np.float32))
-    return per_sample, per_client
+    return per_sample, detection_client_arrays(per_client, self.class_prior, state,
+                                               self.setup.layout.num_clients)
 
   def before_round(self, ctx, state: dict):
     """FedNoRo's noisy-client detection, once, before round `warmup_rounds`."""
     rnd = ctx.round
     if rnd < self.cfg.warmup_rounds or int(state["detected"]):
       return state, False, {}
-    setup = self.setup
-    layout = setup.layout
-    num_real = layout.num_real_clients
-    probs = np.asarray(ctx.predict_train(), np.float64)[:num_real]
-    annotated = np.asarray(setup.annotated, bool)[:num_real]
-    losses = client_class_losses(probs, self.observed[:num_real], layout.valid[:num_real],
-                                 annotated)
-    result = detect_noisy_clients(losses, self.cfg.gmm_seeds)
-    noisy = np.zeros(layout.num_clients, bool)
-    noisy[:num_real] = result["noisy"]
-    if result["reason"] is not None:
-      logging.warning("%s round %d: %s; every client is treated as clean.", self.name, rnd,
-                      result["reason"])
-    for failure in result["failures"]:
-      logging.warning("%s round %d: GMM fit failed, left out of the vote (%s).", self.name, rnd,
-                      failure)
-    record = self._detection_record(rnd, losses, result)
-    logging.info("%s round %d: noisy clients %s (detection precision %s, recall %s)", self.name,
-                 rnd, record["noisy_clients"], record["precision"], record["recall"])
+    noisy, record = detect_from_predictions(method=self.name, setup=self.setup, task=self.task,
+                                            probs=ctx.predict_train(),
+                                            gmm_seeds=self.cfg.gmm_seeds, rnd=rnd)
     return dict(state, noisy=noisy, detected=np.int32(1)), True, {"detection": record}
-
-  def _detection_record(self, rnd, losses, result) -> dict:
-    layout = self.setup.layout
-    corrupted = layout.gather(np.asarray(self.setup.corrupted, bool), fill=False)
-    num_real = layout.num_real_clients
-    hits = corrupted[:num_real].sum(axis=1)
-    counts = layout.counts[:num_real]
-    rates = hits / np.maximum(counts, 1)
-    flagged = np.asarray(result["noisy"], bool)
-    precision, recall = _precision_recall(flagged, hits > 0)
-    return {
-        "round": rnd,
-        "noisy_clients": np.flatnonzero(flagged).tolist(),
-        "clean_clients": np.flatnonzero(~flagged).tolist(),
-        "reason": result["reason"],
-        "gmm_seeds": int(self.cfg.gmm_seeds),
-        "gmm_failures": result["failures"],
-        "constant_classes": result["constant_classes"],
-        # Against the clients whose labels the simulation corrupted at all.
-        "precision": precision,
-        "recall": recall,
-        "mean_corruption_flagged": _mean_or_none(rates[flagged]),
-        "mean_corruption_clean": _mean_or_none(rates[~flagged]),
-        "loss_matrix": _nan_to_none(losses),
-        "normalised": _nan_to_none(result["normalised"]),
-        "clients": [{"client": k, "noisy": bool(flagged[k]), "votes": int(result["votes"][k]),
-                     "samples": int(counts[k]), "corrupted": int(hits[k]),
-                     "corruption_rate": float(rates[k])} for k in range(num_real)],
-    }
 
   def after_round(self, rnd: int, state: dict, outputs: dict):
     """Stores the noisy clients' new label logits (real slots of real clients) and logs their
@@ -353,9 +289,9 @@ class MaskedOptim(Method):
                                      np.asarray(outputs["learned_logits"]), after)
     logging.info("%s round %d: label accuracy on noisy clients' annotated entries %s → %s "
                  "(observed %s; corrupted samples %s → %s)", self.name, rnd,
-                 _fmt(record["accuracy"]["before"]), _fmt(record["accuracy"]["after"]),
-                 _fmt(record["accuracy"]["observed"]), _fmt(record["accuracy_corrupted"]["before"]),
-                 _fmt(record["accuracy_corrupted"]["after"]))
+                 common.fmt(record["accuracy"]["before"]), common.fmt(record["accuracy"]["after"]),
+                 common.fmt(record["accuracy"]["observed"]), common.fmt(record["accuracy_corrupted"]["before"]),
+                 common.fmt(record["accuracy_corrupted"]["after"]))
     return dict(state, label_logits=after.astype(np.float32)), True, {"label_correction": record}
 
   def _correction_record(self, rnd, noisy, before, learned, after) -> dict:
@@ -487,7 +423,7 @@ class FedELC(MaskedOptim):
 def _shared_config_checks(cfg):
   """(key, ok, what it must be) for the constants both methods have."""
   return [
-      ("warmup_rounds", _is_int(cfg.warmup_rounds) and cfg.warmup_rounds >= 0,
+      ("warmup_rounds", common.is_int(cfg.warmup_rounds) and cfg.warmup_rounds >= 0,
        "a non-negative integer"),
       ("label_lr", np.isfinite(cfg.label_lr) and cfg.label_lr >= 0.0, "finite and ≥ 0"),
       ("label_scale", np.isfinite(cfg.label_scale) and cfg.label_scale > 0.0, "positive"),
@@ -496,5 +432,5 @@ def _shared_config_checks(cfg):
        "finite and ≥ 0"),
       ("entropy_weight", np.isfinite(cfg.entropy_weight), "finite"),
       ("tau", np.isfinite(cfg.tau) and cfg.tau >= 0.0, "non-negative"),
-      ("gmm_seeds", _is_int(cfg.gmm_seeds) and cfg.gmm_seeds >= 1, "a positive integer"),
+      ("gmm_seeds", common.is_int(cfg.gmm_seeds) and cfg.gmm_seeds >= 1, "a positive integer"),
   ]
