@@ -8,37 +8,18 @@ Any config value can be overridden with --config.KEY=VALUE (see fednml_jax/confi
 Errors caused by the input (config, data, workdir) are printed as one paragraph, exit code 2.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from fednml_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for config.json, metrics.jsonl, "
                                "summary.json (and checkpoints).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def parse_flags(argv):
-  """absl's flag parsing, with bad flags and bad --config overrides answered in one paragraph."""
-  for arg in argv[1:]:
-    if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1].split(":")[0]):
-      print(f"error: the config file {arg.split('=', 1)[1]!r} does not exist; the configs are in "
-            "configs/ (e.g. --config=configs/demo.py).", file=sys.stderr)
-      sys.exit(2)
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as err:
-    message = str(err)
-  except (AttributeError, KeyError, TypeError, ValueError, OSError) as err:
-    # ml_collections raises these for unknown keys, wrong types and unreadable config files.
-    message = " ".join(str(err).replace("\\n", " ").replace("\\'", "'").strip("'\"").split())
-  print(f"error: bad command line: {message}\nUsage: python run.py --config=configs/NAME.py "
-        "--workdir=DIR [--config.KEY=VALUE ...]; valid keys are in fednml_jax/config.py.",
-        file=sys.stderr)
-  sys.exit(2)
 
 
 def main(argv):
@@ -61,4 +42,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.flags_parser(
+      "python run.py --config=configs/NAME.py --workdir=DIR [--config.KEY=VALUE ...]; valid keys "
+      "are in fednml_jax/config.py.", "the configs are in configs/ (e.g. "
+      "--config=configs/demo.py)"))

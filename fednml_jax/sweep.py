@@ -46,7 +46,7 @@ import time
 
 import ml_collections
 
-from fednml_jax import checkpointing
+from fednml_jax import checkpointing, cli
 from fednml_jax import config as config_lib
 from fednml_jax import report
 from fednml_jax.errors import ConfigError, UserError
@@ -64,6 +64,24 @@ def sweep_config(base, methods, settings, seeds, method_overrides=()) -> ml_coll
   c.seeds = tuple(seeds)
   c.method_overrides = tuple((method, dict(overrides)) for method, overrides in method_overrides)
   return c
+
+
+# The paper's Table II rows: the baselines, then FedNML.
+TABLE_METHODS = ("fedavg", "fedprox", "fednoro", "fedmlp", "fedlsm", "feddc", "maskedoptim",
+                 "fedelc", "fednml")
+
+
+def paper_sweep(source: str, num_clients: int, missing_by_noise) -> ml_collections.ConfigDict:
+  """Table II's grid for a published dataset: every method of `TABLE_METHODS` under
+  `config.paper_setting(source, num_clients)`, one setting per `(noise rate, m)` of
+  `missing_by_noise` ("Missing m": `labels.missing_num`, resolved to annotation_num = C − m once
+  the data are loaded), seeds 0, 1, 2."""
+  from fednml_jax.config import paper_setting  # noqa: PLC0415
+  settings = tuple((f"noise{round(100 * noise)}_missing{missing}",
+                    {"labels.noise_rate": noise, "labels.missing_num": missing})
+                   for noise, missing in missing_by_noise)
+  return sweep_config(base=paper_setting(source, num_clients), methods=TABLE_METHODS,
+                      settings=settings, seeds=(0, 1, 2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,27 +355,6 @@ def run_sweep(sweep, workdir: str, command: str) -> SweepOutcome:
   return SweepOutcome(len(runs), counts["finished"], ran, failed, table)
 
 
-def _parse_flags(argv):
-  """absl's flag parsing, with bad flags and bad --config overrides answered in one paragraph."""
-  from absl import flags  # noqa: PLC0415
-  for arg in argv[1:]:
-    if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1].split(":")[0]):
-      print(f"error: the sweep config file {arg.split('=', 1)[1]!r} does not exist; the sweep "
-            "configs are in configs/sweeps/.", file=sys.stderr)
-      sys.exit(2)
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as err:
-    message = str(err)
-  except (AttributeError, KeyError, TypeError, ValueError, OSError) as err:
-    # ml_collections raises these for unknown keys, wrong types and unreadable config files.
-    message = " ".join(str(err).replace("\\n", " ").replace("\\'", "'").strip("'\"").split())
-  print(f"error: bad command line: {message}\nUsage: python -m fednml_jax.sweep "
-        "--config=configs/sweeps/NAME.py --workdir=DIR [--table_only] [--config.KEY=VALUE ...]",
-        file=sys.stderr)
-  sys.exit(2)
-
-
 def _main_cli():
   """`python -m fednml_jax.sweep`; the flags are defined here, not at import, because sweep config
   files import this module (`sweep_config`) while it also runs as __main__."""
@@ -401,7 +398,9 @@ def _main_cli():
         print(f"- {name}: {message}", file=sys.stderr)
       sys.exit(1)
 
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.flags_parser(
+      "python -m fednml_jax.sweep --config=configs/sweeps/NAME.py --workdir=DIR [--table_only] "
+      "[--config.KEY=VALUE ...]", "the sweep configs are in configs/sweeps/"))
 
 
 if __name__ == "__main__":

@@ -19,18 +19,8 @@ Rerunning the command skips finished runs and resumes the interrupted one. Write
 runs/sweep_brset/table.md and table.csv.
 """
 
-from fednml_jax.config import paper_setting
-from fednml_jax.sweep import sweep_config
+from fednml_jax.sweep import paper_sweep
 
 
 def get_config():
-  return sweep_config(
-      base=paper_setting("brset", num_clients=6),
-      methods=("fedavg", "fedprox", "fednoro", "fedmlp", "fedlsm", "feddc", "maskedoptim",
-               "fedelc", "fednml"),
-      settings=(
-          ("noise20_missing2", {"labels.noise_rate": 0.2, "labels.missing_num": 2}),
-          ("noise40_missing4", {"labels.noise_rate": 0.4, "labels.missing_num": 4}),
-          ("noise60_missing6", {"labels.noise_rate": 0.6, "labels.missing_num": 6}),
-      ),
-      seeds=(0, 1, 2))
+  return paper_sweep("brset", num_clients=6, missing_by_noise=((0.2, 2), (0.4, 4), (0.6, 6)))

@@ -332,6 +332,18 @@ def detect_from_predictions(*, method: str, setup, task, probs, gmm_seeds: int, 
   return noisy, record
 
 
+def detect_once(method, ctx, state: dict):
+  """The `before_round` of the methods built on FedNoRo's detection (`method.cfg.warmup_rounds`,
+  `method.cfg.gmm_seeds`): detects the noisy clients once, before round `warmup_rounds`, and sets
+  the state's `noisy` and `detected`."""
+  if ctx.round < method.cfg.warmup_rounds or int(state["detected"]):
+    return state, False, {}
+  noisy, record = detect_from_predictions(method=method.name, setup=method.setup,
+                                          task=method.task, probs=ctx.predict_train(),
+                                          gmm_seeds=method.cfg.gmm_seeds, rnd=ctx.round)
+  return dict(state, noisy=noisy, detected=np.int32(1)), True, {"detection": record}
+
+
 def detection_record(setup, rnd, losses, result, gmm_seeds) -> dict:
   """The JSON record of one detection: the flagged and clean clients, each client's votes and
   true corruption rate, precision and recall against the clients the simulation corrupted at all,
@@ -437,13 +449,7 @@ class FedNoRo(Method):
                                                self.setup.layout.num_clients)
 
   def before_round(self, ctx, state: dict):
-    rnd = ctx.round
-    if rnd < self.cfg.warmup_rounds or int(state["detected"]):
-      return state, False, {}
-    noisy, record = detect_from_predictions(method=self.name, setup=self.setup, task=self.task,
-                                            probs=ctx.predict_train(),
-                                            gmm_seeds=self.cfg.gmm_seeds, rnd=rnd)
-    return {"noisy": noisy, "detected": np.int32(1)}, True, {"detection": record}
+    return detect_once(self, ctx, state)
 
   # Device side ---------------------------------------------------------------------------------
   def client_loss(self, phase, *, logits, batch, client, teacher_logits, scalars):

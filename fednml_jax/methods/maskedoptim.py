@@ -109,8 +109,7 @@ from fednml_jax import aggregation
 from fednml_jax.losses import masked_class_mean
 from fednml_jax.methods import common
 from fednml_jax.methods.base import Method
-from fednml_jax.methods.fednoro import (detect_from_predictions, detection_client_arrays,
-                                        logit_adjusted_bce)
+from fednml_jax.methods.fednoro import detect_once, detection_client_arrays, logit_adjusted_bce
 
 
 # Device side: losses (pure, per sample) -----------------------------------------------------------
@@ -267,13 +266,7 @@ class MaskedOptim(Method):
 
   def before_round(self, ctx, state: dict):
     """FedNoRo's noisy-client detection, once, before round `warmup_rounds`."""
-    rnd = ctx.round
-    if rnd < self.cfg.warmup_rounds or int(state["detected"]):
-      return state, False, {}
-    noisy, record = detect_from_predictions(method=self.name, setup=self.setup, task=self.task,
-                                            probs=ctx.predict_train(),
-                                            gmm_seeds=self.cfg.gmm_seeds, rnd=rnd)
-    return dict(state, noisy=noisy, detected=np.int32(1)), True, {"detection": record}
+    return detect_once(self, ctx, state)
 
   def after_round(self, rnd: int, state: dict, outputs: dict):
     """Stores the noisy clients' new label logits (real slots of real clients) and logs their

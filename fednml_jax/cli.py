@@ -1,0 +1,31 @@
+"""Command-line plumbing shared by `run.py` and `python -m fednml_jax.sweep`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def flags_parser(usage: str, configs_hint: str):
+  """An absl `flags_parser` that answers a missing --config file, a bad flag or a bad --config
+  override with one paragraph on stderr (`usage` and `configs_hint` say what to type instead) and
+  exit code 2, never a traceback."""
+
+  def parse(argv):
+    from absl import flags  # noqa: PLC0415
+    for arg in argv[1:]:
+      if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1].split(":")[0]):
+        print(f"error: the config file {arg.split('=', 1)[1]!r} does not exist; {configs_hint}.",
+              file=sys.stderr)
+        sys.exit(2)
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as err:
+      message = str(err)
+    except (AttributeError, KeyError, TypeError, ValueError, OSError) as err:
+      # ml_collections raises these for unknown keys, wrong types and unreadable config files.
+      message = " ".join(str(err).replace("\\n", " ").replace("\\'", "'").strip("'\"").split())
+    print(f"error: bad command line: {message}\nUsage: {usage}", file=sys.stderr)
+    sys.exit(2)
+
+  return parse
