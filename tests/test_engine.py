@@ -168,3 +168,18 @@ def test_strong_view_is_random_per_image_and_stays_in_range():
   np.testing.assert_allclose(same, x[0], atol=1e-5)
   flipped = augment._affine_one(x[0], 0.0, jnp.zeros(2), 1.0, False, True)
   np.testing.assert_allclose(flipped, x[0][::-1], atol=1e-5)
+
+
+def test_bfloat16_compute_trains_end_to_end_with_float32_parameters(tmp_path):
+  """Mixed precision (`model.dtype = "bfloat16"`): a whole run trains and evaluates, and the
+  parameters stay float32 (the master weights)."""
+  config = tiny_config(rounds=1, **{"model.dtype": "bfloat16"})
+  experiment = train.Experiment(config)
+  variables = experiment.initial_variables()
+  new_variables, _, records = experiment.run_round(0, variables, experiment.method.init_state())
+  assert np.all(np.isfinite(records[-1]["client_loss"]))
+  assert {leaf.dtype for leaf in jax.tree.leaves(new_variables["params"])} == {jnp.dtype("float32")}
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables["params"]),
+                                                   jax.tree.leaves(new_variables["params"]))]
+  assert all(moved)
+  assert 0.0 <= experiment.evaluate(new_variables)["test"]["mAP"] <= 1.0
