@@ -415,7 +415,8 @@ class FedDC(Method):
       logging.info("feddc round %d (%s relabelling): %d entries written, %d changed (%s now "
                    "right); annotated label accuracy %s → %s", rnd, relabel_kind,
                    overall["written_entries"], overall["changed_entries"],
-                   common.fmt(overall["changed_correct_rate"]), common.fmt(overall["label_acc_before"]),
+                   common.fmt(overall["changed_correct_rate"]),
+                   common.fmt(overall["label_acc_before"]),
                    common.fmt(overall["label_acc_after"]))
     if finetune_start:
       levels = np.asarray(new_state["noise_level"])

@@ -387,7 +387,8 @@ class FedLSM(Method):
     seen = {key: state[f"training_{key}"][:num_real] for key in _TRAINING_KEYS}
     logging.info("fedlsm round %d: EMA teachers' pseudo-labels covered %s of the missing entries "
                  "seen in training", rnd,
-                 common.fmt(common.ratio(seen["confident_missing"].sum(), seen["missing_entries"].sum())))
+                 common.fmt(common.ratio(seen["confident_missing"].sum(),
+                            seen["missing_entries"].sum())))
     return state, False, {}
 
   @staticmethod
@@ -399,7 +400,8 @@ class FedLSM(Method):
                 "observed_positives": seen["observed_positives"][k].tolist()}
                for k in range(num_real)]
     return {"round": int(state["training_round"]),
-            "coverage": common.ratio(seen["confident_missing"].sum(), seen["missing_entries"].sum()),
+            "coverage": common.ratio(seen["confident_missing"].sum(),
+                                     seen["missing_entries"].sum()),
             "clients": clients}
 
   # Device side ---------------------------------------------------------------------------------

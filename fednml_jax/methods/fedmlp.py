@@ -192,17 +192,16 @@ def pseudo_label_quality(negatives, positives, clean, missing_entries) -> dict:
   right_negative = int((negatives & ~clean).sum())
   right_positive = int((positives & clean).sum())
   hidden_positive = int((missing_entries & clean).sum())
-  ratio = lambda num, den: float(num) / float(den) if den else None  # noqa: E731
   return {
       "negatives": num_negative,
-      "negative_accuracy": ratio(right_negative, num_negative),
+      "negative_accuracy": common.ratio(right_negative, num_negative),
       "positives": num_positive,
-      "positive_accuracy": ratio(right_positive, num_positive),
-      "accuracy": ratio(right_negative + right_positive, num_negative + num_positive),
+      "positive_accuracy": common.ratio(right_positive, num_positive),
+      "accuracy": common.ratio(right_negative + right_positive, num_negative + num_positive),
       "missing_entries": int(missing_entries.sum()),
-      "labelled_fraction": ratio(num_negative + num_positive, int(missing_entries.sum())),
+      "labelled_fraction": common.ratio(num_negative + num_positive, int(missing_entries.sum())),
       "hidden_positives": hidden_positive,
-      "positive_recall": ratio(right_positive, hidden_positive),
+      "positive_recall": common.ratio(right_positive, hidden_positive),
   }
 
 

@@ -283,7 +283,8 @@ class MaskedOptim(Method):
     logging.info("%s round %d: label accuracy on noisy clients' annotated entries %s → %s "
                  "(observed %s; corrupted samples %s → %s)", self.name, rnd,
                  common.fmt(record["accuracy"]["before"]), common.fmt(record["accuracy"]["after"]),
-                 common.fmt(record["accuracy"]["observed"]), common.fmt(record["accuracy_corrupted"]["before"]),
+                 common.fmt(record["accuracy"]["observed"]),
+                 common.fmt(record["accuracy_corrupted"]["before"]),
                  common.fmt(record["accuracy_corrupted"]["after"]))
     return dict(state, label_logits=after.astype(np.float32)), True, {"label_correction": record}
 
