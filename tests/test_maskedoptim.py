@@ -1,6 +1,8 @@
 """Tests of fednml_jax.methods.maskedoptim (MaskedOptim and FedELC): the loss, the valid mask, the
 label-logit steps and the merge + geometric median with numbers worked by hand, the host steps on
-a hand-made federation, and a 2-round run of each method on the embedded data."""
+a hand-made federation, and a 2-round run of each method on the embedded data; the same for the
+single-label (softmax, published) form: its loss and 10 × mean rule by hand, its diagnostics, and
+a 2-round run of each method on the embedded digits."""
 
 import json
 import math
@@ -18,8 +20,9 @@ from fednml_jax.errors import ConfigError
 from fednml_jax.losses import weighted_batch_mean
 from fednml_jax.methods import METHODS, FederatedSetup, RoundContext
 from fednml_jax.methods.maskedoptim import (FedELC, MaskedOptim, bernoulli_entropy, bernoulli_kl,
-                                            label_correction_loss, lowest_loss_mask,
-                                            merged_label_logits)
+                                            label_correction_loss,
+                                            label_correction_loss_single_label, lowest_loss_mask,
+                                            merged_label_logits, merged_label_logits_single_label)
 from fednml_jax.tasks import get_task
 
 from conftest import interrupt_then_resume, tiny_config
@@ -44,7 +47,7 @@ def test_registered_with_defaults():
   assert (f.warmup_rounds, f.label_lr, f.label_scale, f.compatibility_weight, f.entropy_weight,
           f.tau, f.gmm_seeds) == (20, 1000.0, 10.0, 0.5, 0.2, 1.0, 9)
   assert "valid_fraction" not in f and "global_weight" not in f
-  assert MaskedOptim.supported_tasks == ("multilabel",) == FedELC.supported_tasks
+  assert MaskedOptim.supported_tasks == ("multilabel", "singlelabel") == FedELC.supported_tasks
 
 
 # Losses -------------------------------------------------------------------------------------------
@@ -344,3 +347,132 @@ def test_train_and_evaluate_resumes_the_learned_labels(tmp_path, monkeypatch):
   resumed = interrupt_then_resume(make, tmp_path / "resumed", 3, monkeypatch)
   assert resumed["resumed_from_round"] == 3
   assert resumed["test_final"] == straight["test_final"]
+
+
+# Single-label (the published softmax form) -------------------------------------------------------
+def _single_label_batch():
+  """Three samples, two classes, all observed as class 0. Predictions p = softmax(z): (0.5, 0.5),
+  (0.75, 0.25), (0.2, 0.8); label distributions softmax(l): (σ(10), 1 − σ(10)), (0.5, 0.5),
+  (0.25, 0.75). Cross-entropy on class 0: ln 2, −ln 0.75, ln 5 (the largest: masked out)."""
+  logits = jnp.array([[0.0, 0.0], [LN3, 0.0], [0.0, math.log(4.0)]])
+  label_logits = jnp.array([[10.0, 0.0], [0.0, 0.0], [0.0, LN3]])
+  targets = jnp.array([[1.0, 0.0]] * 3)
+  return logits, label_logits, targets, jnp.ones(3)
+
+
+def test_single_label_pencil_loss_by_hand():
+  logits, label_logits, targets, weight = _single_label_batch()
+  pred = np.array([[0.5, 0.5], [0.75, 0.25], [0.2, 0.8]])
+  s10 = 1.0 / (1.0 + math.exp(-10.0))
+  label = np.array([[s10, 1.0 - s10], [0.5, 0.5], [0.25, 0.75]])
+  entropy = -np.sum(pred * np.log(pred), axis=1)  # ln 2, 0.562335, 0.500402
+  kl = np.sum(pred * np.log(pred / label), axis=1)  # e.g. sample 1: 0.75·ln 1.5 + 0.25·ln 0.5
+  compat = -np.log(label[:, 0])  # −log softmax(l)[y]: 4.5e-5, ln 2, ln 4
+  assert kl[1] == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5))
+  # int(0.8·3) = 2 samples keep L_o (MaskedOptim); FedELC keeps every sample.
+  for valid_fraction, mask in ((0.8, [1, 1, 0]), (1.0, [1, 1, 1])):
+    expect = kl / 2 + 0.5 * np.array(mask) * compat + 0.1 * entropy / 2
+    got = label_correction_loss_single_label(logits, label_logits, targets, weight,
+                                             compatibility_weight=0.5, entropy_weight=0.1,
+                                             valid_fraction=valid_fraction)
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-7)
+    # The engine's batch mean of these is the reference's `Lc/C + α·Lo + β·Le/C` of batch means,
+    # `Lc = −mean Σ log softmax(l)·p − Le`, `Le = −mean Σ log softmax(z)·p`.
+    le = float(np.mean(entropy))
+    lc = float(-np.mean(np.sum(np.log(label) * pred, axis=1))) - le
+    lo = float(np.mean(compat * np.array(mask)))
+    assert float(weighted_batch_mean(got, weight)) == pytest.approx(
+        lc / 2 + 0.5 * lo + 0.1 * le / 2, rel=1e-5)
+  # Label gradient of the batch mean: (1/n)·[(softmax(l) − p)/C + α·mask·(softmax(l) − y)];
+  # sample 1: ((−0.25, 0.25)/2 + 0.5·(−0.5, 0.5))/3 = (−0.125, 0.125); sample 2 (masked out):
+  # ((0.05, −0.05)/2)/3.
+  grads = jax.grad(lambda ll: weighted_batch_mean(
+      label_correction_loss_single_label(logits, ll, targets, weight), weight))(label_logits)
+  np.testing.assert_allclose(grads[1:], [[-0.125, 0.125], [0.025 / 3, -0.025 / 3]], atol=1e-6)
+
+
+def hand_setup_single_label():
+  """3 clients × 3 samples × 3 classes (classes 0, 1, 2 on each client); client 2's first two
+  samples are corrupted (0 → 1, 1 → 2)."""
+  clean = np.tile(np.eye(3, dtype=np.float32), (3, 1))
+  corrupted = np.zeros(9, bool)
+  corrupted[6:8] = True
+  noisy = clean.copy()
+  noisy[6], noisy[7] = [0, 1, 0], [0, 0, 1]
+  layout = ClientLayout.from_indices([np.arange(k * 3, (k + 1) * 3) for k in range(3)])
+  config = base_config()
+  config.task = "singlelabel"
+  return FederatedSetup(config=config, task=get_task("singlelabel"), layout=layout,
+                        observed_labels=noisy, noisy_labels=noisy, clean_labels=clean,
+                        corrupted=corrupted, annotated=np.ones((3, 3), bool))
+
+
+def test_single_label_ten_times_mean_rule_and_label_diagnostics():
+  # 10·(softmax(l) + softmax(z))/2: row 0: 5·((0.5, 0.25, 0.25) + (0.25, 0.5, 0.25));
+  # row 1: 5·((1/3, 1/3, 1/3) + (2/3, 1/6, 1/6)).
+  label_logits = jnp.array([[math.log(2.0), 0.0, 0.0], [0.0, 0.0, 0.0]])
+  local_logits = jnp.array([[0.0, math.log(2.0), 0.0], [math.log(4.0), 0.0, 0.0]])
+  expect = [[3.75, 3.75, 2.5], [5.0, 2.5, 2.5]]
+  np.testing.assert_allclose(merged_label_logits_single_label(label_logits, local_logits), expect,
+                             rtol=1e-6)
+  setup = hand_setup_single_label()
+  method = FedELC(setup.config, setup)
+  state = method.init_state()
+  # 10 at the observed class, 0 elsewhere (client 2 starts from its corrupted labels).
+  np.testing.assert_array_equal(state["label_logits"][2], [[0, 10, 0], [0, 0, 10], [0, 0, 10]])
+
+  def frame(noisy):
+    return types.SimpleNamespace(client={"noisy": jnp.float32(noisy), "class_mask": jnp.ones(3)},
+                                 predict_all=lambda variables, view, key: (local_logits, None))
+
+  local = {"trainable": label_logits, "view_key": None}
+  out = method.local_output("correct", local, frame=frame(1.0), variables=None)
+  np.testing.assert_allclose(out["label_logits"], expect, rtol=1e-6)
+  clean = method.local_output("correct", local, frame=frame(0.0), variables=None)
+  np.testing.assert_array_equal(clean["label_logits"], label_logits)
+  # Diagnostics use arg max per sample: client 2 (noisy) recovers sample 0 (class 0) only.
+  state = dict(state, noisy=np.array([False, False, True]), detected=np.int32(1))
+  learned = np.array(state["label_logits"])
+  learned[2, 0] = [6.0, 4.0, 0.0]
+  after, changed, log = method.after_round(3, state, {"label_logits": learned,
+                                                      "learned_logits": learned})
+  assert changed
+  np.testing.assert_array_equal(after["label_logits"], learned)
+  rec = log["label_correction"]
+  json.dumps(log)
+  assert rec["entries"] == 3 and rec["corrupted_entries"] == 2
+  assert rec["accuracy"]["observed"] == rec["accuracy"]["before"] == 1 / 3
+  assert rec["accuracy"]["after"] == 2 / 3 and rec["accuracy_corrupted"]["after"] == 1 / 2
+  assert rec["changed_from_observed"] == 1 / 3
+  assert rec["clients"] == [{"client": 2, "accuracy_before": 1 / 3, "accuracy_after": 2 / 3,
+                             "accuracy_corrupted_after": 1 / 2}]
+
+
+@pytest.mark.parametrize("name", ["maskedoptim", "fedelc"])
+def test_single_label_two_round_run(name):
+  config = tiny_config(method=name, task="singlelabel",
+                       **{"data.source": "embedded_digits", "labels.annotation_num": None,
+                          "labels.noise_type": "symmetric", "labels.noise_rate": 0.0,
+                          "labels.noisy_client_fraction": 0.67, "augment.hflip": False,
+                          f"{name}.warmup_rounds": 1})
+  experiment = train.Experiment(config)
+  variables, state = experiment.initial_variables(), experiment.method.init_state()
+  initial = np.asarray(state["label_logits"]).copy()
+  records = []
+  for rnd in range(2):
+    variables, state, new_records = experiment.run_round(rnd, variables, state)
+    records += new_records
+  json.dumps(records, default=train._json_default)
+  assert [r["phase"] for r in records if "phase" in r] == ["warmup", "correct"]
+  noisy = np.asarray(state["noisy"], bool)
+  assert len([r for r in records if "detection" in r]) == 1
+  assert noisy.any()  # the heterogeneous noise makes some client noisy: the correction ran
+  assert len([r for r in records if "label_correction" in r]) == 1
+  logits = np.asarray(state["label_logits"])
+  assert np.all(np.isfinite(logits))
+  np.testing.assert_array_equal(logits[~noisy], initial[~noisy])  # clean clients never move
+  # A noisy client's real slots end as 10·(mean of two distributions): rows summing to 10.
+  real = experiment.method.setup.layout.valid & noisy[:, None]
+  np.testing.assert_allclose(logits[real].sum(axis=-1), 10.0, rtol=1e-5)
+  assert not np.allclose(logits[real], initial[real])
+  assert np.isfinite(experiment.evaluate(variables)["test"]["Accuracy"])

@@ -189,7 +189,8 @@ def test_simulate_clients_single_label_errors():
 
 @pytest.mark.parametrize("overrides, match", [
     ({"labels.noise_type": "multilabel_instance"}, "a multilabel noise type"),
-    ({"method": "fednml"}, r"support 'singlelabel' are \[.*'fedavg', .*'fednoro', 'fedprox'"),
+    ({"method": "fednml"},
+     r"support 'singlelabel' are \['fedavg', 'fedelc', 'fednoro', 'fedprox', 'maskedoptim'\]"),
     ({"method": "fedavg", "compare": "fedavg,fednml"}, "'fednml' does not support"),
     ({"data.source": "embedded"}, "embedded_digits"),
     ({"labels.noisy_client_fraction": 0.4}, "noise_rate = 0"),

@@ -1,5 +1,5 @@
 r"""MaskedOptim and FedELC: noisy clients learn their labels end to end, adapted to partially
-annotated multi-label data (ALGORITHMS.md §3).
+annotated multi-label data (ALGORITHMS.md §3), and as published on single-label tasks.
 
 Papers: MaskedOptim = Jiang et al., "Towards Robust Federated Learning against Noisy Labels via
 Masked Optimization" (arXiv 2506.02079); FedELC = Jiang, Sun, Li, Xue, Li, Wu, Xu, Wang and Liu,
@@ -64,6 +64,17 @@ Multi-label adaptations (both references are single-label softmax):
   certain positive / negative, as the initialisation. (Scaling the Bernoulli logit itself by K·q
   would make every label positive.) It applies to the annotated classes of noisy clients only.
 
+Single-label tasks (`config.task = "singlelabel"`) get both methods as published: the warm-up and
+clean clients use FedNoRo's softmax `LogitAdjust` (`fednoro.logit_adjusted_ce`); a noisy client's
+label logits `l` (n_max, C) start at `label_scale` on the observed class and 0 elsewhere
+(`initial_label_logits_single_label`); its loss is the references' `pencil_loss`
+(`label_correction_loss_single_label`): `L_c/C + α·L_o + β·L_e/C` with `L_c = KL(softmax(z) ‖
+softmax(l))`, `L_e` the prediction's entropy and `L_o = −log softmax(l)[y]`, on the valid mask of
+the model's cross-entropy for MaskedOptim and on every sample for FedELC; and the 10 × mean rule is
+the references' `l ← K·(softmax(l) + softmax(z_local))/2` (`merged_label_logits_single_label`).
+The epoch's label step, the merge, detection and aggregation are those above; the diagnostics
+take `argmax l` per sample as the label.
+
 Choices where the references are silent or where this engine differs (each deliberate):
 - **Label gradients per sample.** The reference takes the mean loss of a full batch
   (`drop_last=True`), so each sample's label gradient carries a factor 1/B, and the samples of the
@@ -91,7 +102,8 @@ their initial values). Diagnostics: the `detection` record (as FedNoRo's, plus d
 and recall against the clients the simulation actually corrupted) and, after every correction
 round, a `label_correction` record: on the noisy clients' annotated entries, the accuracy of the
 labels `σ(l) > 0.5` against the clean labels (the observed labels, before the round, after the
-epochs' gradient steps, after the 10 × mean rule), overall and on corrupted samples.
+epochs' gradient steps, after the 10 × mean rule), overall and on corrupted samples; on a
+single-label task, the same on the noisy clients' samples with the labels `argmax l`.
 """
 
 from __future__ import annotations
@@ -109,7 +121,8 @@ from fednml_jax import aggregation
 from fednml_jax.losses import masked_class_mean
 from fednml_jax.methods import common
 from fednml_jax.methods.base import Method
-from fednml_jax.methods.fednoro import detect_once, detection_client_arrays, logit_adjusted_bce
+from fednml_jax.methods.fednoro import (detect_once, detection_client_arrays, logit_adjusted_bce,
+                                        logit_adjusted_ce)
 
 
 # Device side: losses (pure, per sample) -----------------------------------------------------------
@@ -163,16 +176,54 @@ def label_correction_loss(logits, label_logits, targets, class_mask, weight, *,
   return kl + compatibility_weight * valid * compatibility + entropy_weight * entropy
 
 
+def label_correction_loss_single_label(logits, label_logits, targets, weight, *,
+                                       compatibility_weight=0.5, entropy_weight=0.1,
+                                       valid_fraction=0.8):
+  """Per-sample loss (B,) of a noisy client on a single-label (softmax) task: the reference's
+  `pencil_loss` as published, `L_c/C + α·mask·L_o + β·L_e/C` before its batch mean.
+
+  With `p = softmax(z)` the prediction and `softmax(l)` the label distribution: `L_e = −Σ p·log p`
+  (the prediction's entropy), `L_c = −Σ p·log softmax(l) − L_e` (`KL(p ‖ softmax(l))`, gradients
+  into both z and l), `L_o = −Σ y·log softmax(l)` (`−log softmax(l)[y]` for the one-hot observed
+  label `targets`). `mask` is `lowest_loss_mask` of the model's cross-entropy against `targets`
+  with `valid_fraction` (1.0: every real sample, FedELC); C is the number of classes."""
+  num_classes = logits.shape[-1]
+  log_pred = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  pred = jnp.exp(log_pred)
+  log_label = jax.nn.log_softmax(label_logits.astype(jnp.float32), axis=-1)
+  targets = targets.astype(jnp.float32)
+  entropy = -jnp.sum(pred * log_pred, axis=-1)
+  kl = -jnp.sum(pred * log_label, axis=-1) - entropy
+  compatibility = -jnp.sum(targets * log_label, axis=-1)
+  valid = lowest_loss_mask(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets),
+                           weight, valid_fraction)
+  return (kl / num_classes + compatibility_weight * valid * compatibility
+          + entropy_weight * entropy / num_classes)
+
+
 def initial_label_logits(observed, scale=10.0):
   """`+scale` where the observed label is 1, `−scale` where it is 0 (the reference's `K_pencil` on
   the given class of a two-way softmax)."""
   return (scale * (2.0 * np.asarray(observed, np.float32) - 1.0)).astype(np.float32)
 
 
+def initial_label_logits_single_label(observed, scale=10.0):
+  """`scale` at the observed class (one-hot `observed`), 0 elsewhere (the reference's
+  `label_update[i][y_i] = K_pencil`)."""
+  return (scale * np.asarray(observed, np.float32)).astype(np.float32)
+
+
 def merged_label_logits(label_logits, local_logits, scale=10.0):
   """The 10 × mean rule on per-class Bernoulli labels: `scale·(2q − 1)` with
   `q = (σ(l) + σ(z_local)) / 2`, i.e. `scale·(σ(l) + σ(z_local) − 1)`."""
   return scale * (jax.nn.sigmoid(label_logits) + jax.nn.sigmoid(local_logits) - 1.0)
+
+
+def merged_label_logits_single_label(label_logits, local_logits, scale=10.0):
+  """The reference's 10 × mean rule on softmax labels: `scale·(softmax(l) + softmax(z_local))/2`,
+  taken as the new label logits."""
+  return scale * 0.5 * (jax.nn.softmax(label_logits.astype(jnp.float32), axis=-1)
+                        + jax.nn.softmax(local_logits.astype(jnp.float32), axis=-1))
 
 
 def epoch_label_step(label_logits, grad_sum, label_lr):
@@ -194,23 +245,30 @@ def merge_with_global(client_vars, global_vars, merge, global_weight=0.2):
 
 
 # Host side: diagnostics (numpy) -------------------------------------------------------------------
-def label_accuracy(label_logits, reference, entries):
-  """Fraction of the `entries` (bool mask) where the label `σ(l) > 0.5` equals `reference` (0/1);
-  None when there is no entry."""
+def label_accuracy(label_logits, reference, entries, single_label=False):
+  """Fraction of the `entries` (bool mask) where the learned label equals `reference`; None when
+  there is no entry. Multi-label: per (sample, class) entry, `σ(l) > 0.5` against `reference`
+  (0/1), `entries` of the tables' shape. Single-label: per sample, `argmax l` against
+  `argmax reference`, `entries` of the tables' shape without the class axis."""
   entries = np.asarray(entries, bool)
   if not entries.any():
     return None
-  agree = (np.asarray(label_logits) > 0) == (np.asarray(reference) > 0.5)
+  if single_label:
+    agree = np.argmax(label_logits, axis=-1) == np.argmax(reference, axis=-1)
+  else:
+    agree = (np.asarray(label_logits) > 0) == (np.asarray(reference) > 0.5)
   return float(agree[entries].mean())
 
 
 # The methods --------------------------------------------------------------------------------------
 class MaskedOptim(Method):
-  """MaskedOptim (ALGORITHMS.md §3); see the module docstring for the multi-label adaptation.
-  `FedELC` is this class without the valid mask and the global merge, aggregated with DaAgg."""
+  """MaskedOptim (ALGORITHMS.md §3); see the module docstring for the multi-label adaptation and
+  the single-label (published) form. `FedELC` is this class without the valid mask and the
+  global merge, aggregated with DaAgg."""
 
   name = "maskedoptim"
-  supported_tasks = ("multilabel",)  # per-class Bernoulli labels
+  # Multi-label: per-class Bernoulli labels; single-label: the published softmax labels.
+  supported_tasks = ("multilabel", "singlelabel")
 
   @classmethod
   def config_defaults(cls):
@@ -233,6 +291,7 @@ class MaskedOptim(Method):
     if cfg.warmup_rounds == 0:
       logging.warning("config.%s.warmup_rounds = 0: noisy clients are detected with the initial "
                       "(untrained) global model.", self.name)
+    self.single_label = self.task.name == "singlelabel"
     layout = setup.layout
     self.observed = layout.gather(np.asarray(setup.observed_labels, np.float32))  # (K, n_max, C)
     # π_c per client on its observed labels (the LA loss clamps π and 1 − π at 1e-12).
@@ -255,8 +314,9 @@ class MaskedOptim(Method):
 
   # Host state ----------------------------------------------------------------------------------
   def init_state(self) -> dict:
+    initial = initial_label_logits_single_label if self.single_label else initial_label_logits
     return {"noisy": np.zeros(self.setup.layout.num_clients, bool), "detected": np.int32(0),
-            "label_logits": initial_label_logits(self.observed, self.cfg.label_scale)}
+            "label_logits": initial(self.observed, self.cfg.label_scale)}
 
   def client_arrays(self, state: dict) -> tuple[dict, dict]:
     per_sample, per_client = super().client_arrays(state)
@@ -280,8 +340,9 @@ class MaskedOptim(Method):
     after = np.where(rows[..., None], np.asarray(outputs["label_logits"]), before)
     record = self._correction_record(rnd, state["noisy"], before,
                                      np.asarray(outputs["learned_logits"]), after)
-    logging.info("%s round %d: label accuracy on noisy clients' annotated entries %s → %s "
+    logging.info("%s round %d: label accuracy on noisy clients' %s %s → %s "
                  "(observed %s; corrupted samples %s → %s)", self.name, rnd,
+                 "samples" if self.single_label else "annotated entries",
                  common.fmt(record["accuracy"]["before"]), common.fmt(record["accuracy"]["after"]),
                  common.fmt(record["accuracy"]["observed"]),
                  common.fmt(record["accuracy_corrupted"]["before"]),
@@ -289,20 +350,29 @@ class MaskedOptim(Method):
     return dict(state, label_logits=after.astype(np.float32)), True, {"label_correction": record}
 
   def _correction_record(self, rnd, noisy, before, learned, after) -> dict:
+    """The `label_correction` record. Its entries are the noisy clients' (sample, annotated
+    class) pairs for a multi-label task, their samples for a single-label one (label = arg max)."""
     setup, layout = self.setup, self.setup.layout
     clean = layout.gather(np.asarray(setup.clean_labels, np.float32))
     corrupted = layout.gather(np.asarray(setup.corrupted, bool), fill=False)
-    annotated = np.asarray(setup.annotated, bool)
     noisy = np.asarray(noisy, bool)
-    entries = (noisy[:, None, None] & layout.valid[:, :, None] & annotated[:, None, :])
-    observed_logits = self.observed * 2.0 - 1.0
+    single = self.single_label
+    if single:
+      entries = noisy[:, None] & layout.valid
+      on_corrupted = entries & corrupted
+      observed_logits = self.observed  # arg max = the observed class
+      changed = (np.argmax(after, axis=-1) != np.argmax(self.observed, axis=-1))[entries]
+    else:
+      annotated = np.asarray(setup.annotated, bool)
+      entries = (noisy[:, None, None] & layout.valid[:, :, None] & annotated[:, None, :])
+      on_corrupted = entries & corrupted[:, :, None]
+      observed_logits = self.observed * 2.0 - 1.0
+      changed = ((after > 0) != (self.observed > 0.5))[entries]
     tables = {"observed": observed_logits, "before": before, "learned": learned, "after": after}
 
     def accuracies(mask):
-      return {name: label_accuracy(table, clean, mask) for name, table in tables.items()}
+      return {name: label_accuracy(table, clean, mask, single) for name, table in tables.items()}
 
-    on_corrupted = entries & corrupted[:, :, None]
-    changed = ((after > 0) != (self.observed > 0.5))[entries]
     return {
         "round": rnd,
         "noisy_clients": np.flatnonzero(noisy).tolist(),
@@ -312,25 +382,35 @@ class MaskedOptim(Method):
         "accuracy_corrupted": accuracies(on_corrupted),
         "changed_from_observed": float(changed.mean()) if changed.size else None,
         "clients": [{"client": int(k),
-                     "accuracy_before": label_accuracy(before[k], clean[k], entries[k]),
-                     "accuracy_after": label_accuracy(after[k], clean[k], entries[k]),
+                     "accuracy_before": label_accuracy(before[k], clean[k], entries[k], single),
+                     "accuracy_after": label_accuracy(after[k], clean[k], entries[k], single),
                      "accuracy_corrupted_after": label_accuracy(after[k], clean[k],
-                                                                on_corrupted[k])}
+                                                                on_corrupted[k], single)}
                     for k in np.flatnonzero(noisy)],
     }
 
   # Device side ---------------------------------------------------------------------------------
   def local_loss(self, phase, ctx):
+    """The logit-adjusted loss (BCE, or softmax cross-entropy for a single-label task) in the
+    warm-up and for clean clients; the label-correction loss of the task for noisy clients."""
     logits, _ = ctx.student(ctx.view("weak"))
     batch, client = ctx.batch, ctx.frame.client
-    la = logit_adjusted_bce(logits, batch["targets"], client["class_prior"], client["class_mask"],
-                            tau=self.cfg.tau)
+    if self.single_label:
+      la = logit_adjusted_ce(logits, batch["targets"], client["class_prior"], tau=self.cfg.tau)
+    else:
+      la = logit_adjusted_bce(logits, batch["targets"], client["class_prior"],
+                              client["class_mask"], tau=self.cfg.tau)
     if phase == "warmup":
       return la, {}
-    correction = label_correction_loss(
-        logits, ctx.local["trainable"][ctx.slot], batch["targets"], client["class_mask"],
-        ctx.weight, compatibility_weight=self.cfg.compatibility_weight,
-        entropy_weight=self.cfg.entropy_weight, valid_fraction=self.valid_fraction)
+    weights = {"compatibility_weight": self.cfg.compatibility_weight,
+               "entropy_weight": self.cfg.entropy_weight, "valid_fraction": self.valid_fraction}
+    label_logits = ctx.local["trainable"][ctx.slot]
+    if self.single_label:
+      correction = label_correction_loss_single_label(logits, label_logits, batch["targets"],
+                                                      ctx.weight, **weights)
+    else:
+      correction = label_correction_loss(logits, label_logits, batch["targets"],
+                                         client["class_mask"], ctx.weight, **weights)
     return jnp.where(client["noisy"] > 0, correction, la), {}
 
   def init_local(self, phase, frame, key):
@@ -353,13 +433,15 @@ class MaskedOptim(Method):
                 grad_sum=jnp.where(epoch_end, jnp.zeros_like(grad_sum), grad_sum))
 
   def local_output(self, phase, local, *, frame, variables):
-    """`label_logits`: the 10 × mean rule on a noisy client's annotated classes (unchanged
-    elsewhere); `learned_logits`: the label logits after the epochs' steps, for diagnostics."""
+    """`label_logits`: the task's 10 × mean rule on a noisy client's annotated classes (every
+    class for a single-label task; unchanged elsewhere); `learned_logits`: the label logits after
+    the epochs' steps, for diagnostics."""
     if phase == "warmup":
       return {}
     learned = local["trainable"]
     local_logits, _ = frame.predict_all(variables, "weak", local["view_key"])
-    merged = merged_label_logits(learned, local_logits, self.cfg.label_scale)
+    merge = merged_label_logits_single_label if self.single_label else merged_label_logits
+    merged = merge(learned, local_logits, self.cfg.label_scale)
     rule = (frame.client["noisy"] > 0) & (frame.client["class_mask"] > 0)
     return {"label_logits": jnp.where(rule, merged, learned), "learned_logits": learned}
 
