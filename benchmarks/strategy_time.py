@@ -7,18 +7,17 @@ Builds one Experiment per strategy from the same config, runs one round to compi
 {strategy, backend, devices, compile_seconds, seconds_per_round}.
 """
 
-import importlib.util
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from fednml_jax import train  # noqa: E402
+from timing import load_config, time_rounds  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", "configs/demo.py", "Config file.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per strategy.")
@@ -26,30 +25,10 @@ _STRATEGIES = flags.DEFINE_list("strategies", ["loop", "vmap", "shard"], "Strate
 _OUT = flags.DEFINE_string("out", None, "Write the rows as JSON here.")
 
 
-def load_config(path):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.compare = ""
-  return config
-
-
 def time_strategy(config, strategy, rounds):
   config = config.copy_and_resolve_references()
   config.fl.strategy = strategy
-  experiment = train.Experiment(config)
-  variables = experiment.initial_variables()
-  state = experiment.method.init_state()
-  start = time.perf_counter()
-  variables, state, _ = experiment.run_round(0, variables, state)
-  jax.block_until_ready(variables)
-  compile_seconds = time.perf_counter() - start
-  start = time.perf_counter()
-  for rnd in range(1, rounds + 1):
-    variables, state, _ = experiment.run_round(rnd, variables, state)
-  jax.block_until_ready(variables)
-  return compile_seconds, (time.perf_counter() - start) / rounds
+  return time_rounds(config, rounds)
 
 
 def main(argv):
