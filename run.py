@@ -19,21 +19,35 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for config.json, metrics.jsonl, "
                                "summary.json (and checkpoints).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host run: call jax.distributed.initialize() and split the clients "
+    "over the devices of every process (start the same command once per host).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "With --distributed: host:port of process 0 (default: detected "
+    "from the cluster environment).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: how many "
+                                      "processes (default: detected).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index "
+                                   "(default: detected).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from fednml_jax import train
+  from fednml_jax import distributed, train
   from fednml_jax.errors import UserError
   import jax
+  if _DISTRIBUTED.value:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("JAX %s on %s", jax.__version__, jax.devices())
   try:
     summaries = train.run_comparison(_CONFIG.value, _WORKDIR.value)
   except UserError as err:
     print(f"\nerror: {err}", file=sys.stderr)
     sys.exit(2)
+  if not distributed.is_primary():
+    return
   print()
   print(train.summary_table(summaries))
   seconds = sum(s["seconds"] for s in summaries)

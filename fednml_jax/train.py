@@ -25,7 +25,7 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from fednml_jax import checkpointing
+from fednml_jax import checkpointing, distributed
 from fednml_jax import config as config_lib
 from fednml_jax.corruption import SINGLE_LABEL_NOISE_TYPES, one_hot_classes, simulate_clients
 from fednml_jax.data import load_dataset
@@ -174,9 +174,10 @@ class Experiment:
     self.method = METHODS[config.method](config, self.setup)
     self.image_mean, self.image_std = channel_stats(dataset.train.images)
     self.optimizer = optax.adamw(config.optim.lr, weight_decay=config.optim.weight_decay)
-    self.train_images = jax.device_put(dataset.train.images)
+    self.train_images = strategies.place_replicated(self.strategy, dataset.train.images)
     chunk = min(config.eval.batch_size, max(len(dataset.val), len(dataset.test)))
-    self.eval_images = {name: jax.device_put(inference.pad_to_multiple(split.images, chunk))
+    self.eval_images = {name: strategies.place_replicated(
+                            self.strategy, inference.pad_to_multiple(split.images, chunk))
                         for name, split in (("val", dataset.val), ("test", dataset.test))}
     self.eval_labels = {"val": dataset.val.labels, "test": dataset.test.labels}
     self._predict = inference.make_predict(self.model, self.task, self.image_mean,
@@ -185,7 +186,7 @@ class Experiment:
         with_features: inference.make_predict_clients(
             self.model, self.task, self.image_mean, self.image_std, config.augment,
             with_features=with_features) for with_features in (False, True)}
-    self._device_sample_index = jax.device_put(layout.sample_index)
+    self._device_sample_index = strategies.place_replicated(self.strategy, layout.sample_index)
     self.programs: dict[str, strategies.RoundProgram] = {}
     self.plots_dir = None  # set by `train_and_evaluate` when `config.plots` is True
     self._clients = None  # device copy of the method's client arrays
@@ -196,7 +197,7 @@ class Experiment:
                                self.dataset.image_shape)
     if self.config.model.pretrained:
       variables = load_pretrained(variables, self.config.model.pretrained)
-    return variables
+    return strategies.place_replicated(self.strategy, variables)
 
   def host_arrays(self) -> dict:
     """The simulation's host-side arrays (saved with checkpoints, checked on resume)."""
@@ -222,10 +223,10 @@ class Experiment:
 
   def predict_train(self, variables, rnd: int, with_features: bool = False):
     """The global model's probabilities (and features) on every client's slots, weak view."""
-    key = jax.random.fold_in(jax.random.fold_in(self.run_key, STREAM_REFINE), rnd)
+    key = np.asarray(jax.random.fold_in(jax.random.fold_in(self.run_key, STREAM_REFINE), rnd))
     out = self._predict_clients[with_features](variables, self.train_images,
                                                self._device_sample_index, key)
-    return jax.tree.map(np.asarray, out)
+    return distributed.to_host(out)
 
   def run_round(self, rnd: int, variables, method_state):
     """Host step, then every client's local training and the aggregation of round `rnd`.
@@ -243,18 +244,20 @@ class Experiment:
       self._clients = strategies.place_clients(
           self.strategy, _device_clients(self.method, method_state, self.layout))
     phase = self.method.phase(rnd)
-    scalars = {k: jnp.float32(v) for k, v in self.method.scalars(rnd, method_state).items()}
-    round_key = jax.random.fold_in(jax.random.fold_in(self.run_key, STREAM_TRAIN), rnd)
+    scalars = {k: np.float32(v) for k, v in self.method.scalars(rnd, method_state).items()}
+    # Keys and scalars go in as host values: every process passes the same ones.
+    round_key = np.asarray(
+        jax.random.fold_in(jax.random.fold_in(self.run_key, STREAM_TRAIN), rnd))
     new_variables, client_losses, _, client_outputs = self.program_for(phase)(
         variables, self.train_images, self._clients, scalars, round_key)
-    client_losses = np.asarray(client_losses)[:self.layout.num_real_clients]
+    client_losses = distributed.to_host(client_losses)[:self.layout.num_real_clients]
     if not np.all(np.isfinite(client_losses)):
       bad = int(np.flatnonzero(~np.isfinite(client_losses))[0])
       raise NumericalError(rnd, bad, float(client_losses[bad]))
     records.append({"round": rnd, "split": "train", "phase": phase,
                     "client_loss": client_losses.tolist()})
     method_state, changed, host_log = self.method.after_round(
-        rnd, method_state, jax.tree.map(np.asarray, client_outputs))
+        rnd, method_state, distributed.to_host(client_outputs))
     if changed:
       self._clients = None  # rebuilt from the new state before the next round
     if host_log:
@@ -264,7 +267,7 @@ class Experiment:
   def evaluate(self, variables) -> dict:
     out = {}
     for split in ("val", "test"):
-      probs = np.asarray(self._predict(variables, self.eval_images[split]))
+      probs = distributed.to_host(self._predict(variables, self.eval_images[split]))
       out[split] = self.task.evaluate(probs[:len(self.eval_labels[split])],
                                       self.eval_labels[split])
     return out
@@ -318,7 +321,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   prepare_workdir(workdir)
   resume_from = checkpointing.check_resume(config, workdir)
   experiment = Experiment(config)
-  if config.plots:
+  if config.plots and distributed.is_primary():
     experiment.plots_dir = os.path.join(workdir, "plots")
     os.makedirs(experiment.plots_dir, exist_ok=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -332,14 +335,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if restored is not None:
       first_round, variables, method_state, history, elapsed_before = restored
       logging.info("resuming %s at round %d", workdir, first_round)
-  checkpointing.truncate_jsonl(metrics_path, first_round)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config_lib.to_json(config))
-  metrics_log = JsonlWriter(metrics_path)
+  primary = distributed.is_primary()  # in a multi-host run, process 0 writes the files
+  if primary:
+    checkpointing.truncate_jsonl(metrics_path, first_round)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(config))
+  metrics_log = JsonlWriter(metrics_path if primary else os.devnull)
 
   progress = tqdm(total=config.rounds, initial=first_round, desc=f"{config.method} rounds",
                   unit="round", file=sys.stderr, mininterval=2.0, dynamic_ncols=True,
-                  disable=os.environ.get("FEDNML_NO_PROGRESS") == "1")
+                  disable=os.environ.get("FEDNML_NO_PROGRESS") == "1" or not primary)
   try:
     for rnd in range(first_round, config.rounds):
       try:
@@ -369,8 +374,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt.close()
   summary = experiment.summary(history, elapsed_before + time.time() - start)
   summary["resumed_from_round"] = first_round if resume_from else None
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2, default=_json_default)
+  if primary:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, default=_json_default)
   return summary
 
 

@@ -9,6 +9,7 @@
 
 All three compute the same function: tests check that they agree. `auto` picks `loop` on CPU and
 `shard` elsewhere (`vmap` when there is a single device); see docs/performance.md for measurements.
+A multi-host run (`fednml_jax.distributed`) always uses `shard`, over the devices of every host.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fednml_jax import distributed
+from fednml_jax.errors import ConfigError
+
+
 def resolve_strategy(name: str) -> str:
+  if distributed.multi_process():
+    if name not in ("auto", "shard"):
+      raise ConfigError(f"config.fl.strategy = {name!r} runs on one device, but this is a "
+                        f"{jax.process_count()}-process run: use 'shard' (or 'auto').")
+    return "shard"
   if name != "auto":
     return name
   if jax.default_backend() == "cpu":
@@ -61,7 +71,13 @@ class RoundProgram:
       client_vars, losses, outputs = train_all(global_vars, images, clients, scalars, round_key)
       return aggregate(client_vars, clients, global_vars), losses, client_vars, outputs
 
-    if strategy in ("vmap", "shard"):
+    if strategy == "shard":
+      # The new global model on every device, the per-client outputs split like the clients.
+      mesh = client_mesh()
+      by_client = NamedSharding(mesh, PartitionSpec("clients"))
+      self._round = jax.jit(counted(train_and_aggregate), out_shardings=(
+          NamedSharding(mesh, PartitionSpec()), by_client, by_client, by_client))
+    elif strategy == "vmap":
       self._round = jax.jit(counted(train_and_aggregate))
     elif strategy == "loop":
       self._client = jax.jit(counted(client_update))
@@ -82,11 +98,19 @@ class RoundProgram:
 
 
 def place_clients(strategy: str, clients):
-  """Puts stacked client arrays on the device(s): split over the mesh for `shard`."""
+  """Puts stacked client arrays on the device(s): split over the mesh for `shard` (each process
+  materialises its own clients' rows)."""
   if strategy == "shard":
-    sharding = NamedSharding(client_mesh(), PartitionSpec("clients"))
-    return jax.device_put(clients, sharding)
+    return distributed.put_sharded(clients, client_mesh(), "clients")
   return jax.device_put(clients)
+
+
+def place_replicated(strategy: str, tree):
+  """Puts arrays every client reads (images, the global model) on the device(s): on every device
+  of the mesh for `shard`."""
+  if strategy == "shard":
+    return distributed.put_replicated(tree, client_mesh())
+  return jax.device_put(tree)
 
 
 def client_padding(strategy: str) -> int:

@@ -1,0 +1,61 @@
+"""Multi-host runs: `jax.distributed.initialize()` and moving arrays between hosts and the global
+device mesh.
+
+With `python run.py --distributed ...` started once per host (process), every process builds the
+same simulated federation from (config, seed), the client axis is split over the devices of all
+hosts (the `shard` strategy over a global `jax.sharding` mesh), and each process materialises only
+the rows of the clients whose devices it owns (`put_sharded`). Every process reads the whole image
+set, which is replicated on every device (`put_replicated`): per-host image loading needs the
+images laid out per client, which is not done yet. Host steps (Gaussian-mixture fits) run on every
+process on all-gathered arrays, so their results agree; only process 0 writes files.
+Single-process runs use the same functions, which reduce to `jax.device_put`.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+def initialize(coordinator_address=None, num_processes=None, process_id=None) -> None:
+  """`jax.distributed.initialize` (arguments None: detected from the cluster environment, e.g.
+  SLURM, Open MPI or a TPU pod). On CPU, cross-process collectives go through gloo."""
+  if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (process 0)."""
+  return jax.process_index() == 0
+
+
+def multi_process() -> bool:
+  return jax.process_count() > 1
+
+
+def put_sharded(tree, mesh, axis: str):
+  """Host arrays (identical on every process) split along their leading axis over `axis` of
+  `mesh`; each process materialises only the blocks of its own devices."""
+  sharding = NamedSharding(mesh, PartitionSpec(axis))
+  return jax.tree.map(lambda a: jax.make_array_from_callback(
+      np.shape(a), sharding, lambda index, a=a: np.asarray(a)[index]), tree)
+
+
+def put_replicated(tree, mesh):
+  """Host or device arrays (identical on every process) copied onto every device of `mesh`."""
+  sharding = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda a: jax.make_array_from_callback(
+      np.shape(a), sharding, lambda index, a=a: np.asarray(a)[index]), tree)
+
+
+def to_host(tree):
+  """Numpy copies of (possibly globally sharded) arrays, the same on every process."""
+  def fetch(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
+  return jax.tree.map(fetch, tree)
