@@ -22,7 +22,7 @@ import os
 import pathlib
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 METRICS = ("mAP", "F1", "Recall", "BAcc")
 DIAGNOSTICS = ("flagged", "noisy_precision", "noisy_recall", "corrupted_label_acc_before",
@@ -268,6 +268,8 @@ _LABEL_TABLES = flags.DEFINE_bool("label_tables", False, "Also read FedNML runs'
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint it reads at INFO
   runs = [run for root in _RUNS.value for run in load_runs(root)]
   if not runs:
     raise app.UsageError(f"no summary.json below {_RUNS.value}")
