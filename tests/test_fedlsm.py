@@ -236,9 +236,10 @@ def test_train_and_evaluate_smoke(tmp_path):
   assert [r["round"] for r in pools] == [0, 1]
   assert len(pools[0]["clients"]) == config.fl.num_clients
   assert all(c["uncertain_pool"] >= 1 and c["confident_pool"] >= 1 for c in pools[0]["clients"])
-  assert "previous_round_training" not in pools[0]
-  training = pools[1]["previous_round_training"]
-  assert training["round"] == 0 and len(training["clients"]) == config.fl.num_clients
+  trainings = [r for r in records if "teacher_training" in r]
+  assert [r["round"] for r in trainings] == [0, 1]
+  training = trainings[0]["teacher_training"]
+  assert len(training["clients"]) == config.fl.num_clients
   assert 0.5 < training["coverage"] <= 1.0
   assert pools[0]["pseudo_labels"]["coverage"] > 0.5
   losses = [r["client_loss"] for r in records if "client_loss" in r]

@@ -81,16 +81,13 @@ Multi-label, partial-annotation adaptations and choices where the reference is s
   the engine's (`config.optim`, `config.fl`).
 
 Host state (plain numpy, checkpointable): `uncertain`, `confident` (K, n_max) bool pool flags and
-`class_positives` (K, C) float32, recomputed every round; `training_*`, the counts of the clients'
-last local training (their teachers' pseudo-labels: `local_output`) and its `training_round`.
+`class_positives` (K, C) float32, recomputed every round.
 
 Diagnostics (the `before_round` record, metrics.jsonl): pool sizes, their mean entropies and
 corrupted samples; coverage and accuracy against `setup.clean_labels` of the global model's
 pseudo-labels on the missing entries of the main-loss samples, the precision and recall of its
-pseudo-positives, per client and overall; and `previous_round_training`, what the EMA teachers
-pseudo-labelled during the previous round's local training (kept by `after_round`, reported one
-round later because the engine's `train_and_evaluate` reads the client losses from the round's
-last record, so `after_round` returns no record).
+pseudo-positives, per client and overall; and, from `after_round` (the clients' `local_output`),
+`teacher_training`: what the EMA teachers pseudo-labelled during the round's local training.
 """
 
 from __future__ import annotations
@@ -289,13 +286,7 @@ class FedLSM(Method):
     shape = (layout.num_clients, layout.slots)
     num_classes = self.setup.num_classes
     return {"uncertain": np.zeros(shape, bool), "confident": np.zeros(shape, bool),
-            "class_positives": np.zeros((layout.num_clients, num_classes), np.float32),
-            "training_round": np.int32(-1),
-            "training_confident_missing": np.zeros(layout.num_clients, np.float32),
-            "training_missing_entries": np.zeros(layout.num_clients, np.float32),
-            "training_pseudo_positives": np.zeros((layout.num_clients, num_classes), np.float32),
-            "training_observed_positives": np.zeros((layout.num_clients, num_classes),
-                                                    np.float32)}
+            "class_positives": np.zeros((layout.num_clients, num_classes), np.float32)}
 
   def client_arrays(self, state: dict) -> tuple[dict, dict]:
     per_sample, per_client = super().client_arrays(state)
@@ -356,8 +347,6 @@ class FedLSM(Method):
           "class_positives": new_state["class_positives"][k].tolist(),
           **self._pseudo_ratios(counts)})
     record = {"pseudo_labels": self._pseudo_ratios(totals), "clients": clients}
-    if int(state["training_round"]) >= 0:
-      record["previous_round_training"] = self._training_record(state, layout.num_real_clients)
     overall = record["pseudo_labels"]
     logging.info("fedlsm round %d: global-model pseudo-labels cover %s of missing entries "
                  "(accuracy %s, positive precision %s, recall %s); pools %s", ctx.round,
@@ -378,31 +367,19 @@ class FedLSM(Method):
             "positive_recall": common.ratio(c["true_pseudo_positives"], c["missing_positives"])}
 
   def after_round(self, rnd: int, state: dict, outputs: dict):
-    """Keeps what the clients' EMA teachers pseudo-labelled during round `rnd`; the next round's
-    record reports it (`previous_round_training`)."""
+    """Logs what the clients' EMA teachers pseudo-labelled during round `rnd` (`teacher_training`:
+    coverage of the missing entries, pseudo-positives and observed positives per class)."""
     num_real = self.setup.layout.num_real_clients
-    state = dict(state, training_round=np.int32(rnd))
-    for key in _TRAINING_KEYS:
-      state[f"training_{key}"] = np.asarray(outputs[key], np.float32)
-    seen = {key: state[f"training_{key}"][:num_real] for key in _TRAINING_KEYS}
-    logging.info("fedlsm round %d: EMA teachers' pseudo-labels covered %s of the missing entries "
-                 "seen in training", rnd,
-                 common.fmt(common.ratio(seen["confident_missing"].sum(),
-                            seen["missing_entries"].sum())))
-    return state, False, {}
-
-  @staticmethod
-  def _training_record(state: dict, num_real: int) -> dict:
-    seen = {key: np.asarray(state[f"training_{key}"])[:num_real] for key in _TRAINING_KEYS}
+    seen = {key: np.asarray(outputs[key], np.float64)[:num_real] for key in _TRAINING_KEYS}
+    coverage = common.ratio(seen["confident_missing"].sum(), seen["missing_entries"].sum())
     clients = [{"client": k,
                 "coverage": common.ratio(seen["confident_missing"][k], seen["missing_entries"][k]),
                 "pseudo_positives": seen["pseudo_positives"][k].tolist(),
                 "observed_positives": seen["observed_positives"][k].tolist()}
                for k in range(num_real)]
-    return {"round": int(state["training_round"]),
-            "coverage": common.ratio(seen["confident_missing"].sum(),
-                                     seen["missing_entries"].sum()),
-            "clients": clients}
+    logging.info("fedlsm round %d: EMA teachers' pseudo-labels covered %s of the missing entries "
+                 "seen in training", rnd, common.fmt(coverage))
+    return state, False, {"teacher_training": {"coverage": coverage, "clients": clients}}
 
   # Device side ---------------------------------------------------------------------------------
   def init_local(self, phase, frame, key) -> dict:
