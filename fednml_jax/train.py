@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import sys
 import time
 
@@ -64,7 +65,8 @@ def _json_default(value):
 def prepare_workdir(workdir: str):
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    # One probe file per process: the processes of a multi-host run share the workdir.
+    probe = os.path.join(workdir, f".write_test.{platform.node()}.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
