@@ -113,7 +113,7 @@ class _ProbeMethod(FedAvg):
     return dict(local, grad_sum=local["grad_sum"] + grads, epochs=local["epochs"] + epoch_end,
                 active_steps=local["active_steps"] + active)
 
-  def local_output(self, phase, local, *, frame, variables):
+  def local_output(self, phase, local, *, frame, variables, key):
     logits, features = frame.predict_all(variables)
     return {"grad_sum": local["grad_sum"], "epochs": local["epochs"],
             "active_steps": local["active_steps"], "logits": logits, "features": features}

@@ -324,7 +324,7 @@ def test_local_output_gives_per_slot_lid_and_loss():
       assert view == "weak"
       return logits, None
 
-  out = method.local_output("preprocess", {"output_key": jax.random.PRNGKey(0)}, frame=Frame(),
+  out = method.local_output("preprocess", {}, frame=Frame(), key=jax.random.PRNGKey(0),
                             variables=None)
   expect_loss = np.where(np.asarray(valid), np.asarray(
       masked_bce_with_logits(logits, targets, jnp.array([1.0, 0.0]))), 0.0)
@@ -332,7 +332,7 @@ def test_local_output_gives_per_slot_lid_and_loss():
   np.testing.assert_allclose(np.asarray(out["lid"]),
                              np.asarray(lid_mle(jax.nn.sigmoid(logits), valid, 20)), rtol=1e-6)
   assert float(out["lid"][3]) == 0.0 and float(out["loss"][3]) == 0.0
-  assert method.local_output("train", {}, frame=Frame(), variables=None) == {}
+  assert method.local_output("train", {}, frame=Frame(), variables=None, key=None) == {}
 
 
 def test_train_and_evaluate_smoke(tmp_path):

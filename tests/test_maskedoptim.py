@@ -150,7 +150,7 @@ def test_label_logits_step_once_per_epoch_by_minus_lambda_times_the_summed_gradi
   method = MaskedOptim(base_config(), hand_setup())
   frame = types.SimpleNamespace(batch_size=2)
   l0 = jnp.array([[10.0, -10.0], [-10.0, 10.0], [10.0, 10.0]])
-  local = {"trainable": l0, "grad_sum": jnp.zeros((3, 2)), "view_key": jax.random.PRNGKey(0)}
+  local = {"trainable": l0, "grad_sum": jnp.zeros((3, 2))}
   g1 = jnp.array([[0.001, 0.0], [0.0, -0.002], [0.0, 0.0]])
   g2 = jnp.array([[0.0, 0.0], [0.0, 0.0], [0.004, -0.006]])
   step = lambda local, grads, weight, end: method.update_local(  # noqa: E731
@@ -189,13 +189,13 @@ def test_ten_times_mean_rule_on_bernoulli_labels():
         client={"noisy": jnp.float32(noisy), "class_mask": jnp.array(class_mask)},
         predict_all=lambda variables, view, key: (local_logits, None))
 
-  out = method.local_output("correct", {"trainable": learned, "view_key": None},
-                            frame=frame(1.0, [1.0, 0.0]), variables=None)
+  out = method.local_output("correct", {"trainable": learned},
+                            frame=frame(1.0, [1.0, 0.0]), variables=None, key=None)
   np.testing.assert_allclose(out["label_logits"], [[10 * (s10 - 0.5), -10.0], [2.5, 4.0]],
                              rtol=1e-6)
   np.testing.assert_array_equal(out["learned_logits"], learned)
-  clean = method.local_output("correct", {"trainable": learned, "view_key": None},
-                              frame=frame(0.0, [1.0, 1.0]), variables=None)
+  clean = method.local_output("correct", {"trainable": learned},
+                              frame=frame(0.0, [1.0, 1.0]), variables=None, key=None)
   np.testing.assert_array_equal(clean["label_logits"], learned)
 
 
@@ -305,18 +305,25 @@ def test_detection_then_label_logits_written_back_with_diagnostics():
 
 
 # End to end ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["maskedoptim", "fedelc"])
-def test_two_round_run(name):
-  config = tiny_config(method=name, **{f"{name}.warmup_rounds": 1})
+def _two_rounds(config):
+  """Rounds 0 and 1 of `config` (warm-up, then correction): (experiment, variables, state, the
+  initial label logits, the rounds' metrics records, checked to be JSON-serialisable)."""
   experiment = train.Experiment(config)
-  method = experiment.method
-  variables, state = experiment.initial_variables(), method.init_state()
+  variables, state = experiment.initial_variables(), experiment.method.init_state()
   initial = np.asarray(state["label_logits"]).copy()
   records = []
   for rnd in range(2):
     variables, state, new_records = experiment.run_round(rnd, variables, state)
     records += new_records
   json.dumps(records, default=train._json_default)
+  return experiment, variables, state, initial, records
+
+
+@pytest.mark.parametrize("name", ["maskedoptim", "fedelc"])
+def test_two_round_run(name):
+  config = tiny_config(method=name, **{f"{name}.warmup_rounds": 1})
+  experiment, variables, state, initial, records = _two_rounds(config)
+  method = experiment.method
   assert [r["phase"] for r in records if "phase" in r] == ["warmup", "correct"]
   detections = [r["detection"] for r in records if "detection" in r]
   assert len(detections) == 1 and detections[0]["round"] == 1
@@ -425,10 +432,10 @@ def test_single_label_ten_times_mean_rule_and_label_diagnostics():
     return types.SimpleNamespace(client={"noisy": jnp.float32(noisy), "class_mask": jnp.ones(3)},
                                  predict_all=lambda variables, view, key: (local_logits, None))
 
-  local = {"trainable": label_logits, "view_key": None}
-  out = method.local_output("correct", local, frame=frame(1.0), variables=None)
+  local = {"trainable": label_logits}
+  out = method.local_output("correct", local, frame=frame(1.0), variables=None, key=None)
   np.testing.assert_allclose(out["label_logits"], expect, rtol=1e-6)
-  clean = method.local_output("correct", local, frame=frame(0.0), variables=None)
+  clean = method.local_output("correct", local, frame=frame(0.0), variables=None, key=None)
   np.testing.assert_array_equal(clean["label_logits"], label_logits)
   # Diagnostics use arg max per sample: client 2 (noisy) recovers sample 0 (class 0) only.
   state = dict(state, noisy=np.array([False, False, True]), detected=np.int32(1))
@@ -455,14 +462,7 @@ def test_single_label_two_round_run(name):
                           "labels.noise_type": "symmetric", "labels.noise_rate": 0.0,
                           "labels.noisy_client_fraction": 0.67, "augment.hflip": False,
                           f"{name}.warmup_rounds": 1})
-  experiment = train.Experiment(config)
-  variables, state = experiment.initial_variables(), experiment.method.init_state()
-  initial = np.asarray(state["label_logits"]).copy()
-  records = []
-  for rnd in range(2):
-    variables, state, new_records = experiment.run_round(rnd, variables, state)
-    records += new_records
-  json.dumps(records, default=train._json_default)
+  experiment, variables, state, initial, records = _two_rounds(config)
   assert [r["phase"] for r in records if "phase" in r] == ["warmup", "correct"]
   noisy = np.asarray(state["noisy"], bool)
   assert len([r for r in records if "detection" in r]) == 1

@@ -218,6 +218,7 @@ def make_client_update(*, model, method, phase, optimizer: optax.GradientTransfo
         step, carry, (jnp.arange(num_steps), slots, weights, step_keys), unroll=unroll)
     mean_loss = jnp.sum(jnp.where(nonempty, step_loss, 0.0)) / jnp.maximum(jnp.sum(nonempty), 1)
     new_vars = {"params": params, "batch_stats": batch_stats}
-    return new_vars, mean_loss, method.local_output(phase, local, frame=frame, variables=new_vars)
+    return new_vars, mean_loss, method.local_output(phase, local, frame=frame, variables=new_vars,
+                                                    key=init_key)
 
   return client_update

@@ -145,9 +145,11 @@ class Method:
     del phase, frame, grads, aux, slot, weight, active, epoch_end, params, batch_stats
     return local
 
-  def local_output(self, phase, local, *, frame, variables):
-    """What the client sends back to the host besides its variables (a pytree; `{}`)."""
-    del phase, local, frame, variables
+  def local_output(self, phase, local, *, frame, variables, key):
+    """What the client sends back to the host besides its variables (a pytree; `{}`). `key` is
+    the client's round key also given to `init_local` (e.g. for a weak-view pass over its
+    samples)."""
+    del phase, local, frame, variables, key
     return {}
 
   def aggregate(self, client_vars, clients, global_vars):

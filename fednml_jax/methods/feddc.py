@@ -494,15 +494,12 @@ class FedDC(Method):
       return jnp.float32(0.0)
     return noise_scaled_proximal(params, global_params, client["mu"], self.cfg.beta)
 
-  def init_local(self, phase, frame, key) -> dict:
-    del frame
-    return {"output_key": key} if phase == "preprocess" else {}
-
-  def local_output(self, phase, local, *, frame, variables):
+  def local_output(self, phase, local, *, frame, variables, key):
     """Pre-processing: the local model's per-slot LID and loss (weak view, eval mode)."""
     if phase != "preprocess":
       return {}
-    logits, _ = frame.predict_all(variables, "weak", local["output_key"])
+    del local
+    logits, _ = frame.predict_all(variables, "weak", key)
     valid = frame.per_sample["valid"]
     probs = self.task.probabilities(logits)
     loss = masked_bce_with_logits(logits, frame.per_sample["targets"], frame.client["class_mask"])

@@ -464,8 +464,8 @@ class FedLSM(Method):
     seen = jax.tree.map(jnp.add, local["seen"], aux)
     return {"teacher": teacher, "seen": seen}
 
-  def local_output(self, phase, local, *, frame, variables):
-    del phase, frame, variables
+  def local_output(self, phase, local, *, frame, variables, key):
+    del phase, frame, variables, key
     return local["seen"]
 
   def aggregate(self, client_vars, clients, global_vars):

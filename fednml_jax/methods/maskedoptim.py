@@ -417,7 +417,7 @@ class MaskedOptim(Method):
     if phase == "warmup":
       return {}
     label_logits = frame.per_sample["label_logits"]
-    return {"trainable": label_logits, "grad_sum": jnp.zeros_like(label_logits), "view_key": key}
+    return {"trainable": label_logits, "grad_sum": jnp.zeros_like(label_logits)}
 
   def update_local(self, phase, local, *, frame, grads, aux, slot, weight, active, epoch_end,
                    params, batch_stats):
@@ -432,14 +432,14 @@ class MaskedOptim(Method):
     return dict(local, trainable=jnp.where(epoch_end, stepped, local["trainable"]),
                 grad_sum=jnp.where(epoch_end, jnp.zeros_like(grad_sum), grad_sum))
 
-  def local_output(self, phase, local, *, frame, variables):
+  def local_output(self, phase, local, *, frame, variables, key):
     """`label_logits`: the task's 10 × mean rule on a noisy client's annotated classes (every
     class for a single-label task; unchanged elsewhere); `learned_logits`: the label logits after
     the epochs' steps, for diagnostics."""
     if phase == "warmup":
       return {}
     learned = local["trainable"]
-    local_logits, _ = frame.predict_all(variables, "weak", local["view_key"])
+    local_logits, _ = frame.predict_all(variables, "weak", key)
     merge = merged_label_logits_single_label if self.single_label else merged_label_logits
     merged = merge(learned, local_logits, self.cfg.label_scale)
     rule = (frame.client["noisy"] > 0) & (frame.client["class_mask"] > 0)
