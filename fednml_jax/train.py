@@ -30,6 +30,7 @@ from fednml_jax import checkpointing, distributed
 from fednml_jax import config as config_lib
 from fednml_jax.corruption import SINGLE_LABEL_NOISE_TYPES, one_hot_classes, simulate_clients
 from fednml_jax.data import load_dataset
+from fednml_jax.data.types import channel_moments
 from fednml_jax.engine import inference, local_training, strategies
 from fednml_jax.engine.clients import ClientLayout
 from fednml_jax.errors import ConfigError, UserError
@@ -114,9 +115,8 @@ def build_federation(config, dataset, task, client_padding: int) -> FederatedSet
 
 
 def channel_stats(images: np.ndarray):
-  x = images.astype(np.float64) / 255.0
-  mean = x.mean(axis=(0, 1, 2))
-  std = np.maximum(x.std(axis=(0, 1, 2)), 1e-3)
+  """The training images' per-channel mean and std as float32 device constants."""
+  mean, std = channel_moments(images)
   return jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
 

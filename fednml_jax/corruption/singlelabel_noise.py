@@ -46,6 +46,7 @@ import numpy as np
 
 from fednml_jax.corruption.noise import _check_noise_rate, _spawn
 from fednml_jax.corruption.partition import _check_client_indices
+from fednml_jax.data.types import channel_moments
 from fednml_jax.errors import ConfigError, DataError
 
 SINGLE_LABEL_NOISE_TYPES = ("symmetric", "pair", "instance")
@@ -123,19 +124,6 @@ def truncated_normal(mean: float, std: float, size: int, rng: np.random.Generato
     out[bad] = rng.normal(mean, std, int(bad.sum()))
     bad = (out < low) | (out > high)
   return out
-
-
-def channel_moments(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel mean and standard deviation (floored at 1e-3) of `images` (N, H, W, C) / 255."""
-  total = np.zeros(images.shape[-1])
-  squares = np.zeros(images.shape[-1])
-  for start in range(0, len(images), _FEATURE_CHUNK):
-    x = images[start:start + _FEATURE_CHUNK].reshape(-1, images.shape[-1]) / 255.0
-    total += x.sum(axis=0)
-    squares += np.square(x).sum(axis=0)
-  count = images.size // images.shape[-1]
-  mean = total / count
-  return mean, np.maximum(np.sqrt(np.maximum(squares / count - mean**2, 0.0)), 1e-3)
 
 
 def image_features(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:

@@ -89,3 +89,20 @@ def as_label_array(labels: np.ndarray, num_images: int, where: str) -> np.ndarra
     raise DataError(f"{where}: labels must be 0 or 1, found {bad}. Multi-label datasets need one "
                     "0/1 column per class.")
   return labels.astype(np.uint8)
+
+
+_MOMENTS_CHUNK = 512  # images read at a time (bounds memory on large images)
+
+
+def channel_moments(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and standard deviation (floored at 1e-3) of uint8 `images` (N, H, W, C) /
+  255, in float64, accumulated over chunks of images (no float copy of the whole set)."""
+  total = np.zeros(images.shape[-1])
+  squares = np.zeros(images.shape[-1])
+  for start in range(0, len(images), _MOMENTS_CHUNK):
+    x = images[start:start + _MOMENTS_CHUNK].reshape(-1, images.shape[-1]) / 255.0
+    total += x.sum(axis=0)
+    squares += np.square(x).sum(axis=0)
+  count = images.size // images.shape[-1]
+  mean = total / count
+  return mean, np.maximum(np.sqrt(np.maximum(squares / count - mean**2, 0.0)), 1e-3)
