@@ -314,13 +314,13 @@ def test_fedprox_penalty_by_hand():
   assert isinstance(method, FedProx) and method.name == "fedprox"
   value, grad = jax.value_and_grad(
       lambda p: method.penalty("train", params=p, global_params=global_params, client={},
-                               scalars={}))(params)
+                               scalars={}, epoch_step=0))(params)
   assert float(value) == pytest.approx(3.5)
   # ∇ = μ·Δ.
   np.testing.assert_allclose(grad["dense"]["kernel"], [[0.0, 1.0], [0.0, 1.5]])
   np.testing.assert_allclose(grad["dense"]["bias"], [0.5])
   assert float(method.penalty("train", params=params, global_params=params, client={},
-                             scalars={})) == 0.0
+                             scalars={}, epoch_step=0)) == 0.0
   with pytest.raises(ConfigError, match="fedprox.mu"):
     FedProx(tiny_config(**{"fedprox.mu": -1.0}), types.SimpleNamespace(task=None))
 

@@ -153,6 +153,31 @@ def test_local_hooks_carry_state_gradients_and_outputs(strategy):
   assert jax.tree.leaves(new_variables)
 
 
+class _EpochStepPenalty(FedAvg):
+  """FedAvg plus a parameter-free penalty equal to the step's index within its local epoch: it adds
+  to the reported loss without changing training."""
+
+  name = "fedavg"
+
+  def penalty(self, phase, *, params, global_params, client, scalars, epoch_step):
+    return epoch_step.astype(jnp.float32)
+
+
+def test_penalty_sees_the_step_index_within_the_local_epoch():
+  config = tiny_config(**{"fl.strategy": "loop", "fl.local_epochs": 2})
+  losses = []
+  for method_class in (FedAvg, _EpochStepPenalty):
+    experiment = train.Experiment(config)
+    method = experiment.method = method_class(config, experiment.setup)
+    _, _, records = experiment.run_round(0, experiment.initial_variables(), method.init_state())
+    losses.append(np.array(next(r["client_loss"] for r in records if "client_loss" in r)))
+  layout = experiment.layout
+  # A client's non-empty steps are 0 … s−1 of each epoch (s = ceil(n_k / B)): the mean loss it
+  # reports grows by the mean index (s − 1) / 2.
+  steps = -(-layout.counts[:layout.num_real_clients] // config.fl.batch_size)
+  np.testing.assert_allclose(losses[1] - losses[0], (steps - 1) / 2, rtol=1e-5, atol=1e-5)
+
+
 def test_strong_view_is_random_per_image_and_stays_in_range():
   raw = jnp.asarray(np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3)), jnp.uint8)
   x = raw.astype(jnp.float32) / 255.0

@@ -77,7 +77,7 @@ def test_noise_scaled_proximal_by_hand():
   assert all(np.all(np.asarray(g) == 0.0) for g in jax.tree.leaves(at_global))
 
 
-def test_penalty_uses_the_client_mu_in_preprocessing_only():
+def test_penalty_uses_the_client_mu_in_preprocessing_only_after_each_epochs_first_batch():
   setup = hand_setup()
   method = FedDC(setup.config, setup)
   params = {"w": jnp.array([3.0, 4.0])}
@@ -85,13 +85,17 @@ def test_penalty_uses_the_client_mu_in_preprocessing_only():
   client = {"mu": jnp.float32(0.4)}
   # β = 5 (default), μ = 0.4, ‖w‖ = 5 → 10.
   pre = method.penalty("preprocess", params=params, global_params=global_params, client=client,
-                       scalars={})
+                       scalars={}, epoch_step=jnp.int32(3))
   np.testing.assert_allclose(float(pre), 10.0, rtol=1e-6)
+  # The reference skips the first batch of every local epoch (`if batch_idx > 0`).
+  first = method.penalty("preprocess", params=params, global_params=global_params, client=client,
+                         scalars={}, epoch_step=jnp.int32(0))
+  assert float(first) == 0.0
   later = method.penalty("train", params=params, global_params=global_params, client=client,
-                         scalars={})
+                         scalars={}, epoch_step=jnp.int32(3))
   assert float(later) == 0.0
   clean = method.penalty("preprocess", params=params, global_params=global_params,
-                         client={"mu": jnp.float32(0.0)}, scalars={})
+                         client={"mu": jnp.float32(0.0)}, scalars={}, epoch_step=jnp.int32(3))
   assert float(clean) == 0.0
 
 

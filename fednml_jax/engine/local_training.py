@@ -195,7 +195,8 @@ def make_client_update(*, model, method, phase, optimizer: optax.GradientTransfo
         per, aux = method.local_loss(phase, ctx)
         loss = weighted_batch_mean(per, weight)
         loss = loss + method.penalty(phase, params=p, global_params=global_vars["params"],
-                                     client=per_client, scalars=scalars)
+                                     client=per_client, scalars=scalars,
+                                     epoch_step=index % steps_in_epoch)
         return loss, (student.batch_stats, aux)
 
       (loss, (new_stats, aux)), (grads, local_grads) = jax.value_and_grad(

@@ -12,7 +12,8 @@ A method is a small object of pure pieces, named after the paper's pseudo-code:
   `engine.local_training.LocalBatch` (views of the batch, the student model, the global model, the
   method's local state). The default runs the student on the weak view and calls the simpler
   `client_loss(...)`, which is all most methods need to write.
-- `penalty(...)`: an optional regulariser on the parameters (e.g. FedProx's proximal term).
+- `penalty(...)`: an optional regulariser on the parameters (e.g. FedProx's proximal term); it
+  sees the step's index within its local epoch.
 - `init_local` / `update_local` / `local_output`: a local state carried through the client's
   local steps (e.g. an EMA teacher, per-sample label logits whose `trainable` entry receives
   gradients), its update after each optimizer step, and what the client returns to the host.
@@ -127,8 +128,10 @@ class Method:
   def client_loss(self, phase, *, logits, batch, client, teacher_logits, scalars):
     raise NotImplementedError
 
-  def penalty(self, phase, *, params, global_params, client, scalars):
-    del phase, params, global_params, client, scalars
+  def penalty(self, phase, *, params, global_params, client, scalars, epoch_step):
+    """A regulariser added to the batch loss at each local step; `epoch_step` is the step's
+    index within its local epoch (traced)."""
+    del phase, params, global_params, client, scalars, epoch_step
     return jnp.float32(0.0)
 
   def init_local(self, phase, frame, key) -> dict:

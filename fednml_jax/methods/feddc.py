@@ -77,10 +77,8 @@ Multi-label adaptations (FedCorr is single-label softmax):
   (other samples of the client, weight 0 in the loss) may serve as mixing partners.
 
 Choices where the reference is silent or would fail (reasons are logged in the round records):
-- The proximal gradient at `w = w_global` is taken as 0 (a "safe" norm). The reference skips the
-  term on the first batch of every local epoch (`if batch_idx > 0`) to avoid the norm's undefined
-  gradient there; the engine's `penalty` hook does not see the step index, so we keep the term on
-  those batches (on the very first step both give 0).
+- The proximal gradient at `w = w_global` is taken as 0 (a "safe" norm). Like the reference
+  (`if batch_idx > 0`), the term is left out on the first batch of every local epoch.
 - LID with fewer than `lid_k + 1` samples uses the `n − 1` neighbours there are (and `k = n − 1` in
   the estimator; the reference would keep k = 20 over fewer terms); a client with one sample has
   LID 0.
@@ -488,11 +486,13 @@ class FedDC(Method):
     logits, _ = ctx.student(lam * x + (1.0 - lam) * x[permutation])
     return mixup_bce(logits, targets, permutation, lam, class_mask), {}
 
-  def penalty(self, phase, *, params, global_params, client, scalars):
+  def penalty(self, phase, *, params, global_params, client, scalars, epoch_step):
     del scalars
     if phase != "preprocess":  # the reference sets β = 0 after pre-processing
       return jnp.float32(0.0)
-    return noise_scaled_proximal(params, global_params, client["mu"], self.cfg.beta)
+    # The reference adds the term from the second batch of each local epoch on (`batch_idx > 0`).
+    term = noise_scaled_proximal(params, global_params, client["mu"], self.cfg.beta)
+    return jnp.where(epoch_step > 0, term, 0.0)
 
   def local_output(self, phase, local, *, frame, variables, key):
     """Pre-processing: the local model's per-slot LID and loss (weak view, eval mode)."""

@@ -48,6 +48,6 @@ class FedProx(FedAvg):
     if not self.mu >= 0.0:
       raise ConfigError(f"config.fedprox.mu = {config.fedprox.mu!r} must be non-negative.")
 
-  def penalty(self, phase, *, params, global_params, client, scalars):
-    del phase, client, scalars
+  def penalty(self, phase, *, params, global_params, client, scalars, epoch_step):
+    del phase, client, scalars, epoch_step
     return proximal_term(params, global_params, self.mu)
