@@ -29,6 +29,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed
                                       "processes (default: detected).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index "
                                    "(default: detected).")
+_COMPILE_CACHE = cli.define_compile_cache_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,7 +41,8 @@ def main(argv):
   import jax
   if _DISTRIBUTED.value:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  logging.info("JAX %s on %s", jax.__version__, jax.devices())
+  logging.info("JAX %s on %s; compilation cache: %s", jax.__version__, jax.devices(),
+               cli.enable_compile_cache(_COMPILE_CACHE.value, _WORKDIR.value))
   try:
     summaries = train.run_comparison(_CONFIG.value, _WORKDIR.value)
   except UserError as err:

@@ -29,3 +29,27 @@ def flags_parser(usage: str, configs_hint: str):
     sys.exit(2)
 
   return parse
+
+
+COMPILE_CACHE_HELP = (
+    "Folder of JAX's persistent compilation cache: a resumed run, and every run of a sweep that "
+    "has the same array shapes as an earlier one (other seeds, other noise settings), loads its "
+    "compiled programs instead of compiling them again. 'auto': <workdir>/xla_cache (or "
+    "$JAX_COMPILATION_CACHE_DIR when set); 'none': no cache.")
+
+
+def define_compile_cache_flag():
+  from absl import flags  # noqa: PLC0415
+  return flags.DEFINE_string("compile_cache", "auto", COMPILE_CACHE_HELP)
+
+
+def enable_compile_cache(setting: str, workdir: str) -> str | None:
+  """Turns JAX's persistent compilation cache on (before the first compile); returns its folder."""
+  import jax  # noqa: PLC0415
+  if setting == "none":
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  if setting == "auto":
+    setting = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(workdir, "xla_cache")
+  jax.config.update("jax_compilation_cache_dir", setting)
+  return setting

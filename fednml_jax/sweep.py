@@ -367,6 +367,7 @@ def _main_cli():
                                      "run (<setting>/<method>/seed<k>), table.md, table.csv.")
   table_only_flag = flags.DEFINE_bool("table_only", False, "Only rebuild table.md and table.csv "
                                       "from the finished runs on disk.")
+  compile_cache_flag = cli.define_compile_cache_flag()
   flags.mark_flags_as_required(["config", "workdir"])
 
   def main(argv):
@@ -380,6 +381,7 @@ def _main_cli():
       if table_only_flag.value:
         print(write_tables(sweep_flag.value, workdir_flag.value, command))
         return
+      cli.enable_compile_cache(compile_cache_flag.value, workdir_flag.value)
       outcome = run_sweep(sweep_flag.value, workdir_flag.value, command)
     except UserError as err:
       print(f"\nerror: {err}", file=sys.stderr)
@@ -400,7 +402,7 @@ def _main_cli():
 
   app.run(main, flags_parser=cli.flags_parser(
       "python -m fednml_jax.sweep --config=configs/sweeps/NAME.py --workdir=DIR [--table_only] "
-      "[--config.KEY=VALUE ...]", "the sweep configs are in configs/sweeps/"))
+      "[--compile_cache=auto|none|DIR] [--config.KEY=VALUE ...]", "the sweep configs are in configs/sweeps/"))
 
 
 if __name__ == "__main__":

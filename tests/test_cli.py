@@ -9,6 +9,8 @@ import pytest
 
 from conftest import REPO, shared_file
 
+from fednml_jax import cli
+
 SMALL = ["--config.data.embedded_train=200", "--config.data.embedded_val=60",
          "--config.data.embedded_test=100", "--config.model.width=8"]
 
@@ -87,3 +89,25 @@ def test_fedavg_on_shared_rfmid_beats_the_class_prior(tmp_path):
   prior = summary["test_class_prior"]["mAP"]
   assert prior == pytest.approx(0.18, abs=0.03)
   assert summary["test_at_best_val"]["mAP"] > prior + 0.10, summary
+
+
+@pytest.fixture
+def restore_cache_config():
+  import jax
+  saved = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
+  yield jax
+  jax.config.update("jax_compilation_cache_dir", saved[0])
+  jax.config.update("jax_enable_compilation_cache", saved[1])
+
+
+def test_compile_cache_defaults_to_the_workdir_and_honours_the_environment(
+    restore_cache_config, monkeypatch, tmp_path):
+  jax = restore_cache_config
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  assert cli.enable_compile_cache("auto", str(tmp_path)) == str(tmp_path / "xla_cache")
+  assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla_cache")
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+  assert cli.enable_compile_cache("auto", str(tmp_path)) == "/elsewhere"
+  assert cli.enable_compile_cache(str(tmp_path / "mine"), str(tmp_path)) == str(tmp_path / "mine")
+  assert cli.enable_compile_cache("none", str(tmp_path)) is None
+  assert not jax.config.jax_enable_compilation_cache
