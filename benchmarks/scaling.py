@@ -11,8 +11,7 @@ first such K is where memory is full). Rows: {clients, strategy, backend, device
 images_per_round, compile_seconds, seconds_per_round, seconds_per_client, images_per_second,
 status}.
 
-Batching independent runs on a run axis is not implemented yet, so this benchmark scales clients
-only.
+Batched independent runs (a run axis) are timed by `benchmarks/run_batching.py`.
 """
 
 import json

@@ -12,12 +12,14 @@ evaluation on validation and test every `eval.every` rounds. Writes, in `workdir
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import platform
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +150,19 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
   return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundInputs:
+  """What `Experiment.prepare_round` hands to the round program, and `finish_round` back."""
+
+  round: int
+  phase: str
+  method_state: Any
+  clients: Any
+  scalars: dict
+  round_key: Any
+  records: list
+
+
 class Experiment:
   """One run's fixed parts (data, clients, model, method, compiled programs) and its round step.
 
@@ -155,12 +170,19 @@ class Experiment:
   round number, so the state to save between rounds is only (round, variables, method state).
   """
 
-  def __init__(self, config):
+  def __init__(self, config, share_data_with: "Experiment | None" = None):
+    """`share_data_with`: an Experiment of the same `config.data` and strategy whose dataset and
+    device copies of the images this one reuses (runs batched together need only one)."""
     config_lib.validate(config)
     self.config = config
     self.task = get_task(config.task)
-    self.dataset = dataset = load_dataset(config.data)
     self.strategy = strategies.resolve_strategy(config.fl.strategy)
+    shared = share_data_with
+    if shared is not None and (config.data.to_dict() != shared.config.data.to_dict()
+                               or self.strategy != shared.strategy):
+      raise ConfigError("Runs batched together must share config.data and the client-parallel "
+                        f"strategy (seeds {shared.config.seed} and {config.seed} do not).")
+    self.dataset = dataset = load_dataset(config.data) if shared is None else shared.dataset
     self.setup = build_federation(config, dataset, self.task,
                                   strategies.client_padding(self.strategy))
     self.layout = layout = self.setup.layout
@@ -174,13 +196,21 @@ class Experiment:
                               "width": config.model.width, "dtype": config.model.dtype})
     self.run_key = jax.random.PRNGKey(config.seed)
     self.method = METHODS[config.method](config, self.setup)
-    self.image_mean, self.image_std = channel_stats(dataset.train.images)
     self.optimizer = optax.adamw(config.optim.lr, weight_decay=config.optim.weight_decay)
-    self.train_images = strategies.place_replicated(self.strategy, dataset.train.images)
     chunk = min(config.eval.batch_size, max(len(dataset.val), len(dataset.test)))
-    self.eval_images = {name: strategies.place_replicated(
-                            self.strategy, inference.pad_to_multiple(split.images, chunk))
-                        for name, split in (("val", dataset.val), ("test", dataset.test))}
+    self.eval_chunk = chunk
+    if shared is not None:
+      self.image_mean, self.image_std = shared.image_mean, shared.image_std
+      self.train_images = shared.train_images
+    else:
+      self.image_mean, self.image_std = channel_stats(dataset.train.images)
+      self.train_images = strategies.place_replicated(self.strategy, dataset.train.images)
+    if shared is not None and shared.eval_chunk == chunk:
+      self.eval_images = shared.eval_images
+    else:
+      self.eval_images = {name: strategies.place_replicated(
+                              self.strategy, inference.pad_to_multiple(split.images, chunk))
+                          for name, split in (("val", dataset.val), ("test", dataset.test))}
     self.eval_labels = {"val": dataset.val.labels, "test": dataset.test.labels}
     self._predict = inference.make_predict(self.model, self.task, self.image_mean,
                                            self.image_std, chunk)
@@ -208,16 +238,18 @@ class Experiment:
             "observed_labels": self.setup.observed_labels}
 
   # Rounds --------------------------------------------------------------------------------------
-  def program_for(self, phase: str) -> strategies.RoundProgram:
-    if phase not in self.programs:
+  def program_for(self, phase: str, batched_runs: bool = False) -> strategies.RoundProgram:
+    """The round program of a method phase (with a leading run axis when `batched_runs`)."""
+    name = phase + (" (batched runs)" if batched_runs else "")
+    if name not in self.programs:
       c = self.config
       client_update = local_training.make_client_update(
           model=self.model, method=self.method, phase=phase, optimizer=self.optimizer,
           local_epochs=c.fl.local_epochs, batch_size=c.fl.batch_size, augment_cfg=c.augment,
           image_mean=self.image_mean, image_std=self.image_std, scan_unroll=c.fl.scan_unroll)
-      self.programs[phase] = strategies.RoundProgram(self.strategy, client_update,
-                                                     self.method.aggregate)
-    return self.programs[phase]
+      self.programs[name] = strategies.RoundProgram(self.strategy, client_update,
+                                                    self.method.aggregate, batched_runs)
+    return self.programs[name]
 
   @property
   def compiled_programs(self) -> int:
@@ -235,6 +267,13 @@ class Experiment:
 
     Returns (variables, method_state, records) where records are metrics.jsonl lines.
     """
+    inputs = self.prepare_round(rnd, variables, method_state)
+    outputs = self.program_for(inputs.phase)(variables, self.train_images, inputs.clients,
+                                             inputs.scalars, inputs.round_key)
+    return self.finish_round(inputs, outputs)
+
+  def prepare_round(self, rnd: int, variables, method_state) -> "RoundInputs":
+    """The method's host step before round `rnd`, and the round program's inputs."""
     records = []
     ctx = RoundContext(round=rnd, global_vars=variables,
                        predict_train=lambda with_features=False: self.predict_train(
@@ -245,21 +284,27 @@ class Experiment:
     if self._clients is None or changed:
       self._clients = strategies.place_clients(
           self.strategy, _device_clients(self.method, method_state, self.layout))
-    phase = self.method.phase(rnd)
     scalars = {k: np.float32(v) for k, v in self.method.scalars(rnd, method_state).items()}
     # Keys and scalars go in as host values: every process passes the same ones.
     round_key = np.asarray(
         jax.random.fold_in(jax.random.fold_in(self.run_key, STREAM_TRAIN), rnd))
-    new_variables, client_losses, _, client_outputs = self.program_for(phase)(
-        variables, self.train_images, self._clients, scalars, round_key)
+    return RoundInputs(round=rnd, phase=self.method.phase(rnd), method_state=method_state,
+                       clients=self._clients, scalars=scalars, round_key=round_key,
+                       records=records)
+
+  def finish_round(self, inputs: "RoundInputs", outputs):
+    """Checks the round program's `outputs` and runs the method's `after_round`; returns
+    (variables, method_state, records)."""
+    rnd, records = inputs.round, list(inputs.records)
+    new_variables, client_losses, _, client_outputs = outputs
     client_losses = distributed.to_host(client_losses)[:self.layout.num_real_clients]
     if not np.all(np.isfinite(client_losses)):
       bad = int(np.flatnonzero(~np.isfinite(client_losses))[0])
       raise NumericalError(rnd, bad, float(client_losses[bad]))
-    records.append({"round": rnd, "split": "train", "phase": phase,
+    records.append({"round": rnd, "split": "train", "phase": inputs.phase,
                     "client_loss": client_losses.tolist()})
     method_state, changed, host_log = self.method.after_round(
-        rnd, method_state, distributed.to_host(client_outputs))
+        rnd, inputs.method_state, distributed.to_host(client_outputs))
     if changed:
       self._clients = None  # rebuilt from the new state before the next round
     if host_log:
@@ -305,6 +350,65 @@ class Experiment:
                                                           dataset.test.labels)),
         "compiled_programs": self.compiled_programs,
     }
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+class RunBatch:
+  """Several runs advanced in lock-step: each round, every run's host step, then one program that
+  trains all runs' clients (the round program vmapped over a leading run axis), then every run's
+  `after_round`. Evaluation, logs and checkpoints stay per run.
+
+  `RunBatch(configs)` builds one Experiment per config; they share the dataset and its device
+  copies, so the configs must have the same `data`. Runs can share a program when they lower to
+  the same one: the same data, model, method and schedule, and array shapes; typically runs that
+  differ only in the seed or the label simulation (`labels.*`). This is checked, once per method phase, by comparing a hash of each run's lowered
+  round program (constants included); a mismatch is a ConfigError, never a silently wrong run.
+  Batched and separate runs compute the same function (tested); like the client-parallel
+  strategies, they may differ in the last bits of floating-point results.
+  """
+
+  def __init__(self, configs):
+    if distributed.multi_process():
+      raise ConfigError("Batched runs are single-process only; run them one after another.")
+    first = Experiment(configs[0])
+    self.experiments = [first] + [Experiment(c, share_data_with=first) for c in configs[1:]]
+    self._stacked_clients = (None, None)  # (the runs' client arrays, their stack)
+
+  def run_round(self, rnd: int, variables: list, method_states: list):
+    """Round `rnd` of every run; returns lists (variables, method_states, records) per run."""
+    inputs = [e.prepare_round(rnd, v, s)
+              for e, v, s in zip(self.experiments, variables, method_states)]
+    phase = inputs[0].phase
+    if any(i.phase != phase for i in inputs):
+      raise ConfigError(f"The batched runs are in different method phases at round {rnd} "
+                        f"({sorted({i.phase for i in inputs})}); batch runs with one schedule.")
+    first = self.experiments[0]
+    if phase + " (batched runs)" not in first.programs:
+      self._check_same_program(phase, variables, inputs)
+    clients = [i.clients for i in inputs]
+    if self._stacked_clients[0] is None or any(
+        a is not b for a, b in zip(clients, self._stacked_clients[0])):
+      self._stacked_clients = (clients, _stack(clients))
+    outputs = first.program_for(phase, batched_runs=True)(
+        _stack(variables), first.train_images, self._stacked_clients[1],
+        _stack([i.scalars for i in inputs]), np.stack([i.round_key for i in inputs]))
+    results = [e.finish_round(i, jax.tree.map(lambda a, r=r: a[r], outputs))
+               for r, (e, i) in enumerate(zip(self.experiments, inputs))]
+    return tuple(list(column) for column in zip(*results))
+
+  def _check_same_program(self, phase, variables, inputs):
+    prints = [e.program_for(phase).fingerprint(v, e.train_images, i.clients, i.scalars,
+                                               i.round_key)
+              for e, v, i in zip(self.experiments, variables, inputs)]
+    for e, fingerprint in zip(self.experiments[1:], prints[1:]):
+      if fingerprint != prints[0]:
+        raise ConfigError(
+            f"The runs with seeds {self.experiments[0].config.seed} and {e.config.seed} compile to "
+            f"different programs in phase {phase!r} (a different model, method setting, schedule "
+            "or array shape); they cannot be batched. Run them separately.")
 
 
 class NumericalError(UserError):

@@ -45,3 +45,19 @@ def test_round_time_tiny_cpu_preset_writes_rows(tmp_path):
     assert row["optimizer_steps"] == 2 * 2 * 1  # clients × epochs × ceil(16 / 32)
     if row["round_kind"] == "refinement":
       assert row["refine_device_seconds"] > 0 and row["refine_host_seconds"] > 0
+
+
+def test_run_batching_tiny_writes_rows(tmp_path):
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  try:
+    import run_batching  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.remove(str(REPO / "benchmarks"))
+  out = tmp_path / "rows.json"
+  run_batching.main(["--preset=cpu", "--synthetic", "--runs=2", "--rounds=1", "--clients=2",
+                     "--train_per_client=16", "--local_epochs=1", f"--out={out}"])
+  rows = json.loads(out.read_text())
+  assert [r["runs"] for r in rows] == [2] and all(r["status"] == "ok" for r in rows)
+  for row in rows:
+    assert row["batched_seconds_per_round"] > 0 and row["speedup"] > 0
+    assert row["separate_strategy"] == "loop" and row["batched_strategy"] == "shard"

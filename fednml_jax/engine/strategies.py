@@ -7,12 +7,16 @@
   devices (clients are padded to a multiple of the device count; padding clients weigh 0).
 - `loop`: a Python loop over clients calling one jitted single-client program (compiled once).
 
-All three compute the same function: tests check that they agree. `auto` picks `loop` on CPU and
+All three compute the same function: tests check that they agree. With `batched_runs=True` every
+input but the images carries a leading run axis (several runs of the same program, one per row) and
+the round is vmapped over it (`loop` loops over the runs). `auto` picks `loop` on CPU and
 `shard` elsewhere (`vmap` when there is a single device); see docs/performance.md for measurements.
 A multi-host run (`fednml_jax.distributed`) always uses `shard`, over the devices of every host.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -49,11 +53,12 @@ class RoundProgram:
 
   `__call__(global_vars, images, clients, scalars, round_key) -> (new_global_vars, client_losses,
   client_vars, client_outputs)`; `client_vars` are the stacked local models and `client_outputs`
-  the stacked `local_output`s of the method (both with a leading client axis).
+  the stacked `local_output`s of the method (both with a leading client axis). With
+  `batched_runs=True`, every argument but `images` and every output has a leading run axis.
   """
 
-  def __init__(self, strategy: str, client_update, aggregate):
-    self.strategy = strategy
+  def __init__(self, strategy: str, client_update, aggregate, batched_runs: bool = False):
+    self.strategy, self.batched_runs = strategy, batched_runs
     self.traces = 0  # how many times a program was traced: must stay constant across rounds
 
     def counted(fn):
@@ -71,10 +76,13 @@ class RoundProgram:
       client_vars, losses, outputs = train_all(global_vars, images, clients, scalars, round_key)
       return aggregate(client_vars, clients, global_vars), losses, client_vars, outputs
 
+    self.train_and_aggregate = train_and_aggregate  # one run's round, unjitted
+    if batched_runs:
+      train_and_aggregate = jax.vmap(train_and_aggregate, in_axes=(0, None, 0, 0, 0))
     if strategy == "shard":
       # The new global model on every device, the per-client outputs split like the clients.
       mesh = client_mesh()
-      by_client = NamedSharding(mesh, PartitionSpec("clients"))
+      by_client = NamedSharding(mesh, PartitionSpec(*([None] * batched_runs), "clients"))
       self._round = jax.jit(counted(train_and_aggregate), out_shardings=(
           NamedSharding(mesh, PartitionSpec()), by_client, by_client, by_client))
     elif strategy == "vmap":
@@ -88,6 +96,21 @@ class RoundProgram:
   def __call__(self, global_vars, images, clients, scalars, round_key):
     if self.strategy in ("vmap", "shard"):
       return self._round(global_vars, images, clients, scalars, round_key)
+    if self.batched_runs:
+      row = lambda tree, r: jax.tree.map(lambda a: a[r], tree)  # noqa: E731
+      runs = [self._loop_round(row(global_vars, r), images, row(clients, r), row(scalars, r),
+                               round_key[r]) for r in range(len(round_key))]
+      return jax.tree.map(lambda *xs: jnp.stack(xs), *runs)
+    return self._loop_round(global_vars, images, clients, scalars, round_key)
+
+  def fingerprint(self, global_vars, images, clients, scalars, round_key) -> str:
+    """A hash of one run's round program as lowered for these (unbatched) arguments, constants
+    included: two runs with equal fingerprints compute the same function of their inputs."""
+    lowered = jax.jit(self.train_and_aggregate).lower(global_vars, images, clients, scalars,
+                                                      round_key)
+    return hashlib.sha256(lowered.as_text().encode()).hexdigest()
+
+  def _loop_round(self, global_vars, images, clients, scalars, round_key):
     num_clients = int(clients["count"].shape[0])
     keys = client_keys(round_key, num_clients)
     outputs = [self._client(global_vars, images, jax.tree.map(lambda a: a[k], clients), scalars,
