@@ -253,3 +253,20 @@ def test_load_pretrained_errors(tmp_path):
   small = build_model({"name": "small_cnn", "num_outputs": 2, "width": 8})
   with pytest.raises(ConfigError, match="matches no variable"):
     load_pretrained(init_variables(small, RNG, (32, 32, 3)), tmp_path / "resnet.msgpack")
+
+
+def test_max_pool_2x2_matches_flax_max_pool_and_its_gradient():
+  import flax.linen as nn
+  from fednml_jax.models.cnn import max_pool_2x2
+  for shape in ((2, 6, 6, 3), (1, 5, 7, 2)):  # an odd last row/column is dropped, as VALID does
+    x = jax.random.normal(jax.random.PRNGKey(sum(shape)), shape)  # no ties
+    flax_pool = lambda a: nn.max_pool(a, (2, 2), strides=(2, 2))  # noqa: E731
+    np.testing.assert_array_equal(max_pool_2x2(x), flax_pool(x))
+    weights = jax.random.normal(jax.random.PRNGKey(1), flax_pool(x).shape)
+    grad = lambda pool: jax.grad(lambda a: jnp.sum(pool(a) * weights))(x)  # noqa: E731
+    np.testing.assert_array_equal(grad(max_pool_2x2), grad(flax_pool))
+  # By hand: one 2x2 window [[1, 4], [3, 2]] → 4; its gradient goes to the 4.
+  x = jnp.array([[1.0, 4.0], [3.0, 2.0]]).reshape(1, 2, 2, 1)
+  assert float(max_pool_2x2(x).squeeze()) == 4.0
+  np.testing.assert_array_equal(
+      jax.grad(lambda a: max_pool_2x2(a).sum())(x).reshape(2, 2), [[0.0, 1.0], [0.0, 0.0]])

@@ -18,6 +18,18 @@ import jax.numpy as jnp
 from fednml_jax.models.resnet import check_norm, conv, global_average_pool, norm_layer
 
 
+def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
+  """2x2 max-pooling with stride 2 (an odd last row or column is dropped, as `nn.max_pool` with
+  VALID padding does), written as a reshape and a max: XLA:CPU runs the gradient of
+  `nn.max_pool` (select-and-scatter) slowly; measured on a SmallCNN-16 training step at 64 px,
+  batch 32: 118 ms with `nn.max_pool`, 46 ms with this, the same losses over 20 steps. Where a
+  window holds several equal maxima, the gradient is shared among them (`nn.max_pool` gives it all
+  to the first); both are subgradients."""
+  n, h, w, c = x.shape
+  x = x[:, :h // 2 * 2, :w // 2 * 2]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class SmallCNN(nn.Module):
   """conv3x3-norm-ReLU-maxpool blocks, global average pooling and a dense head.
 
@@ -48,7 +60,7 @@ class SmallCNN(nn.Module):
       x = norm_layer(self.norm, width, train, self.dtype, f"bn{index + 1}")(x)
       x = nn.relu(x)
       if min(x.shape[1:3]) >= 2:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
     features = global_average_pool(x, self.dtype)
     logits = nn.Dense(self.num_outputs, dtype=self.dtype, param_dtype=jnp.float32,
                       name="head")(features)
