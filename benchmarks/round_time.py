@@ -278,7 +278,7 @@ class JaxRunner:
       key = jax.random.fold_in(jax.random.fold_in(exp.run_key, train.STREAM_REFINE), rnd)
       start = time.perf_counter()
       probs = jax.block_until_ready(exp._predict_clients[with_features](  # pylint: disable=protected-access
-          variables, exp.train_images, exp._device_sample_index, key))  # pylint: disable=protected-access
+          variables, exp.train_images, exp._device_image_index, key))  # pylint: disable=protected-access
       mid = time.perf_counter()
       host = jax.tree.map(np.asarray, probs)
       self._add("refine_device", mid - start)

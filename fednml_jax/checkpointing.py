@@ -26,7 +26,7 @@ from fednml_jax.errors import ConfigError, UserError
 
 # Keys that do not change a run's results: a resumed run may differ in these freely.
 NON_RESULT_KEYS = ("resume", "compare", "checkpoint.every", "checkpoint.keep",
-                   "eval.batch_size", "plots")
+                   "eval.batch_size", "plots", "fl.image_layout")
 
 
 def checkpoint_dir(workdir: str) -> str:

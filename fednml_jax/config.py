@@ -58,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.strategy = "auto"  # auto | vmap | shard | loop
   c.fl.client_weighting = "sample_count"  # sample_count | uniform (aggregation weights)
   c.fl.scan_unroll = 0  # local steps unrolled in the scan; 0 = auto (all on CPU, 1 elsewhere)
+  # Training images on the device: `shared` (the whole set on every device, indexed by the
+  # clients), `per_client` (each client's images as a block, split over the devices like the
+  # clients), `auto` (per_client in a multi-host run, else shared). The same results either way.
+  c.fl.image_layout = "auto"
 
   # Server rule (fednml_jax/aggregation.py): mean (weighted by fl.client_weighting) |
   # geometric_median | coordinate_median | trimmed_mean | krum
@@ -150,6 +154,7 @@ VALID_CHOICES = {
     "labels.partition": ("iid", "dirichlet"),
     "fl.strategy": ("auto", "vmap", "shard", "loop"),
     "fl.client_weighting": ("sample_count", "uniform"),
+    "fl.image_layout": ("auto", "shared", "per_client"),
     # = tuple(aggregation.AGGREGATORS) (kept literal so the schema imports no JAX; a test checks it)
     "aggregation": ("mean", "geometric_median", "coordinate_median", "trimmed_mean", "krum"),
     "model.name": ("small_cnn", "resnet18", "resnet50"),

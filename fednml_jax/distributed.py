@@ -4,9 +4,10 @@ device mesh.
 With `python run.py --distributed ...` started once per host (process), every process builds the
 same simulated federation from (config, seed), the client axis is split over the devices of all
 hosts (the `shard` strategy over a global `jax.sharding` mesh), and each process materialises only
-the rows of the clients whose devices it owns (`put_sharded`). Every process reads the whole image
-set, which is replicated on every device (`put_replicated`): per-host image loading needs the
-images laid out per client, which is not done yet. Host steps (Gaussian-mixture fits) run on every
+the rows of the clients whose devices it owns (`put_sharded`). The training images are laid out
+per client there (`fl.image_layout=auto`): each device holds only its clients' images, and each
+process gathers only those from the dataset it read (every process still reads the whole dataset
+file). Host steps (Gaussian-mixture fits) run on every
 process on all-gathered arrays, so their results agree; only process 0 writes files.
 Single-process runs use the same functions, which reduce to `jax.device_put`.
 """
@@ -40,9 +41,16 @@ def multi_process() -> bool:
 def put_sharded(tree, mesh, axis: str):
   """Host arrays (identical on every process) split along their leading axis over `axis` of
   `mesh`; each process materialises only the blocks of its own devices."""
+  return jax.tree.map(lambda a: put_sharded_rows(
+      np.shape(a), mesh, axis, lambda rows, a=a: np.asarray(a)[rows]), tree)
+
+
+def put_sharded_rows(shape, mesh, axis: str, rows):
+  """A global array of `shape` split along its leading axis over `axis` of `mesh`, built from
+  `rows(slice) -> np.ndarray` (those rows, whole in the other axes), called only for the blocks of
+  this process's devices."""
   sharding = NamedSharding(mesh, PartitionSpec(axis))
-  return jax.tree.map(lambda a: jax.make_array_from_callback(
-      np.shape(a), sharding, lambda index, a=a: np.asarray(a)[index]), tree)
+  return jax.make_array_from_callback(tuple(shape), sharding, lambda index: rows(index[0]))
 
 
 def put_replicated(tree, mesh):

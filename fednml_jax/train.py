@@ -122,9 +122,17 @@ def channel_stats(images: np.ndarray):
   return jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
 
-def _device_clients(method, state, layout):
+def resolve_image_layout(name: str) -> str:
+  """`fl.image_layout`: `auto` is `per_client` in a multi-host run, else `shared`."""
+  if name == "auto":
+    return "per_client" if distributed.multi_process() else "shared"
+  return name
+
+
+def _device_clients(method, state, layout, image_index):
   per_sample, per_client = method.client_arrays(state)
-  per_sample = dict(per_sample, sample_index=layout.sample_index, valid=layout.valid)
+  per_sample = dict(per_sample, sample_index=layout.sample_index, image_index=image_index,
+                    valid=layout.valid)
   return {"per_sample": per_sample, "per_client": per_client, "count": layout.counts}
 
 
@@ -201,10 +209,18 @@ class Experiment:
     self.eval_chunk = chunk
     if shared is not None:
       self.image_mean, self.image_std = shared.image_mean, shared.image_std
-      self.train_images = shared.train_images
     else:
       self.image_mean, self.image_std = channel_stats(dataset.train.images)
-      self.train_images = strategies.place_replicated(self.strategy, dataset.train.images)
+    self.per_client_images = resolve_image_layout(config.fl.image_layout) == "per_client"
+    if self.per_client_images:  # the blocks follow this run's partition: never shared
+      self.train_images = strategies.place_client_images(self.strategy, dataset.train.images,
+                                                         layout.sample_index)
+      image_index = np.broadcast_to(np.arange(layout.slots, dtype=np.int32), layout.valid.shape)
+    else:
+      self.train_images = (shared.train_images if shared is not None else
+                           strategies.place_replicated(self.strategy, dataset.train.images))
+      image_index = layout.sample_index
+    self.image_index = np.ascontiguousarray(image_index)
     if shared is not None and shared.eval_chunk == chunk:
       self.eval_images = shared.eval_images
     else:
@@ -217,8 +233,11 @@ class Experiment:
     self._predict_clients = {
         with_features: inference.make_predict_clients(
             self.model, self.task, self.image_mean, self.image_std, config.augment,
-            with_features=with_features) for with_features in (False, True)}
-    self._device_sample_index = strategies.place_replicated(self.strategy, layout.sample_index)
+            with_features=with_features, per_client_images=self.per_client_images)
+        for with_features in (False, True)}
+    self._device_image_index = (
+        strategies.place_clients if self.per_client_images else strategies.place_replicated)(
+            self.strategy, self.image_index)
     self.programs: dict[str, strategies.RoundProgram] = {}
     self.plots_dir = None  # set by `train_and_evaluate` when `config.plots` is True
     self._clients = None  # device copy of the method's client arrays
@@ -247,8 +266,9 @@ class Experiment:
           model=self.model, method=self.method, phase=phase, optimizer=self.optimizer,
           local_epochs=c.fl.local_epochs, batch_size=c.fl.batch_size, augment_cfg=c.augment,
           image_mean=self.image_mean, image_std=self.image_std, scan_unroll=c.fl.scan_unroll)
-      self.programs[name] = strategies.RoundProgram(self.strategy, client_update,
-                                                    self.method.aggregate, batched_runs)
+      self.programs[name] = strategies.RoundProgram(
+          self.strategy, client_update, self.method.aggregate, batched_runs,
+          per_client_images=self.per_client_images)
     return self.programs[name]
 
   @property
@@ -259,7 +279,7 @@ class Experiment:
     """The global model's probabilities (and features) on every client's slots, weak view."""
     key = np.asarray(jax.random.fold_in(jax.random.fold_in(self.run_key, STREAM_REFINE), rnd))
     out = self._predict_clients[with_features](variables, self.train_images,
-                                               self._device_sample_index, key)
+                                               self._device_image_index, key)
     return distributed.to_host(out)
 
   def run_round(self, rnd: int, variables, method_state):
@@ -283,7 +303,8 @@ class Experiment:
       records.append({"round": rnd, "split": "train", "kind": "refinement", **host_log})
     if self._clients is None or changed:
       self._clients = strategies.place_clients(
-          self.strategy, _device_clients(self.method, method_state, self.layout))
+          self.strategy, _device_clients(self.method, method_state, self.layout,
+                                         self.image_index))
     scalars = {k: np.float32(v) for k, v in self.method.scalars(rnd, method_state).items()}
     # Keys and scalars go in as host values: every process passes the same ones.
     round_key = np.asarray(
@@ -339,6 +360,7 @@ class Experiment:
         "noise_rate": config.labels.noise_rate,
         "annotation_num": config.labels.annotation_num or dataset.num_classes,
         "strategy": self.strategy,
+        "image_layout": "per_client" if self.per_client_images else "shared",
         "backend": jax.default_backend(),
         "seconds": round(seconds, 2),
         "selected_on": config.eval.select_on,
@@ -374,6 +396,9 @@ class RunBatch:
     if distributed.multi_process():
       raise ConfigError("Batched runs are single-process only; run them one after another.")
     first = Experiment(configs[0])
+    if first.per_client_images:
+      raise ConfigError("Batched runs need fl.image_layout=shared: per-client image blocks "
+                        "follow each run's partition.")
     self.experiments = [first] + [Experiment(c, share_data_with=first) for c in configs[1:]]
     self._stacked_clients = (None, None)  # (the runs' client arrays, their stack)
 

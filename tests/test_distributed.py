@@ -1,6 +1,8 @@
 """A multi-host run (`run.py --distributed`): two processes on this machine, each with two virtual
 CPU devices, joined by `jax.distributed.initialize()` (gloo collectives on CPU), compute the same
-run as one process with four devices. Only process 0 writes the run's files."""
+run as one process with four devices, with the training images laid out per client (each device
+holds its clients' images) where the single process shares the whole set. Only process 0 writes
+the run's files."""
 
 import json
 import os
@@ -64,3 +66,5 @@ def test_two_processes_compute_the_single_process_run(tmp_path):
   summaries = [json.loads((d / "summary.json").read_text()) for d in (workdir, tmp_path / "single")]
   np.testing.assert_allclose(summaries[0]["test_final"]["mAP"], summaries[1]["test_final"]["mAP"],
                              atol=1e-3)
+  # Multi-host: each device holds only its clients' images (fl.image_layout=auto).
+  assert [s["image_layout"] for s in summaries] == ["per_client", "shared"]

@@ -36,22 +36,26 @@ def make_predict(model, task, image_mean, image_std, chunk: int):
   return predict
 
 
-def make_predict_clients(model, task, image_mean, image_std, augment_cfg, with_features=False):
-  """`predict(variables, images, sample_index, key) -> (K, n_max, C)` probabilities on every
+def make_predict_clients(model, task, image_mean, image_std, augment_cfg, with_features=False,
+                         per_client_images=False):
+  """`predict(variables, images, image_index, key) -> (K, n_max, C)` probabilities on every
   client's training samples, under the weak view (as the reference's refinement pass does), in one
-  jitted call; the host pulls the result once. With `with_features`, `(probabilities, (K, n_max, D)
-  penultimate features)`."""
+  jitted call; the host pulls the result once. `image_index` (K, n_max) points into `images`: the
+  whole set (N, H, W, C), or with `per_client_images` each client's block (K, n_max, H, W, C).
+  With `with_features`, `(probabilities, (K, n_max, D) penultimate features)`."""
 
   @jax.jit
-  def predict(variables, images, sample_index, key):
-    keys = jax.random.split(key, sample_index.shape[0])
+  def predict(variables, images, image_index, key):
+    keys = jax.random.split(key, image_index.shape[0])
 
-    def one_client(idx, k):
-      x = augment.weak_view(k, images[idx], augment_cfg, image_mean, image_std)
+    def one_client(client_images, idx, k):
+      x = augment.weak_view(k, client_images[idx], augment_cfg, image_mean, image_std)
       logits, features = model.apply(variables, x, train=False, return_features=True)
       probs = task.probabilities(logits)
       return (probs, features.astype(probs.dtype)) if with_features else probs
 
-    return jax.lax.map(lambda a: one_client(*a), (sample_index, keys))
+    if per_client_images:
+      return jax.lax.map(lambda a: one_client(*a), (images, image_index, keys))
+    return jax.lax.map(lambda a: one_client(images, *a), (image_index, keys))
 
   return predict

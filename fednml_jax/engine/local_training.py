@@ -86,8 +86,11 @@ class _Student:
 class ClientFrame:
   """One client's fixed inputs during a round, as every local hook of a method sees them (traced).
 
-  `images`: all training images (N, H, W, C) uint8 on the device; `per_sample`: the client's
-  (n_max, ...) arrays (`sample_index`, `valid`, and the method's); `client`: its per-client arrays;
+  `images`: the uint8 images (·, H, W, C) that `per_sample["image_index"]` points into: the whole
+  training set in the `shared` image layout, the client's own (n_max, ...) block in the
+  `per_client` one (`fl.image_layout`); `per_sample`: the client's (n_max, ...) arrays
+  (`sample_index` into the training set, `image_index`, `valid`, and the method's); `client`: its
+  per-client arrays;
   `count`: its number of samples; `global_vars`: the round's global model; `views`: the image
   views (`augment.Views`)."""
 
@@ -114,7 +117,7 @@ class ClientFrame:
     """`(logits (n_max, C), features (n_max, D))` of `variables` (eval mode) on every slot of the
     client, `batch_size` images at a time, under the `plain` or `weak` view (padding slots hold
     some image of the client; mask them with `per_sample["valid"]`)."""
-    index = self.per_sample["sample_index"]
+    index = self.per_sample["image_index"]
     n_max = index.shape[0]
     pad = (-n_max) % self.batch_size
     chunks = jnp.pad(index, (0, pad)).reshape(-1, self.batch_size)
@@ -163,7 +166,8 @@ def make_client_update(*, model, method, phase, optimizer: optax.GradientTransfo
   """Builds `client_update(global_vars, images, client, scalars, key) -> (vars, mean_loss, output)`.
 
   `client` is a dict of one client's arrays: `per_sample` (n_max, ...) arrays including
-  `sample_index` and `valid`, `per_client` arrays, and `count` (a scalar). `output` is the method's
+  `sample_index`, `image_index` (into `images`: see `ClientFrame`) and `valid`, `per_client`
+  arrays, and `count` (a scalar). `output` is the method's
   `local_output` (a pytree, `{}` by default), returned to the host after the round.
   """
   views = augment.Views(augment_cfg, image_mean, image_std)
@@ -186,7 +190,7 @@ def make_client_update(*, model, method, phase, optimizer: optax.GradientTransfo
       params, batch_stats, opt_state, local = carry
       index, slot, weight, k = xs
       batch = {name: value[slot] for name, value in per_sample.items()}
-      raw = images[batch["sample_index"]]
+      raw = images[batch["image_index"]]
 
       def loss_fn(p, trainable):
         student = _Student(model, p, batch_stats)

@@ -57,8 +57,10 @@ class RoundProgram:
   `batched_runs=True`, every argument but `images` and every output has a leading run axis.
   """
 
-  def __init__(self, strategy: str, client_update, aggregate, batched_runs: bool = False):
+  def __init__(self, strategy: str, client_update, aggregate, batched_runs: bool = False,
+               per_client_images: bool = False):
     self.strategy, self.batched_runs = strategy, batched_runs
+    self.per_client_images = per_client_images  # `images` has a leading client axis
     self.traces = 0  # how many times a program was traced: must stay constant across rounds
 
     def counted(fn):
@@ -69,7 +71,8 @@ class RoundProgram:
 
     def train_all(global_vars, images, clients, scalars, round_key):
       keys = client_keys(round_key, clients["count"].shape[0])
-      return jax.vmap(client_update, in_axes=(None, None, 0, None, 0))(
+      image_axis = 0 if per_client_images else None
+      return jax.vmap(client_update, in_axes=(None, image_axis, 0, None, 0))(
           global_vars, images, clients, scalars, keys)
 
     def train_and_aggregate(global_vars, images, clients, scalars, round_key):
@@ -113,8 +116,9 @@ class RoundProgram:
   def _loop_round(self, global_vars, images, clients, scalars, round_key):
     num_clients = int(clients["count"].shape[0])
     keys = client_keys(round_key, num_clients)
-    outputs = [self._client(global_vars, images, jax.tree.map(lambda a: a[k], clients), scalars,
-                            keys[k]) for k in range(num_clients)]
+    outputs = [self._client(global_vars, images[k] if self.per_client_images else images,
+                            jax.tree.map(lambda a: a[k], clients), scalars, keys[k])
+               for k in range(num_clients)]
     stack = lambda i: jax.tree.map(lambda *xs: jnp.stack(xs), *[o[i] for o in outputs])  # noqa: E731
     client_vars, losses, client_outputs = stack(0), stack(1), stack(2)
     return self._aggregate(client_vars, clients, global_vars), losses, client_vars, client_outputs
@@ -126,6 +130,16 @@ def place_clients(strategy: str, clients):
   if strategy == "shard":
     return distributed.put_sharded(clients, client_mesh(), "clients")
   return jax.device_put(clients)
+
+
+def place_client_images(strategy: str, images, sample_index):
+  """Each client's training images as a block (K, n_max, H, W, C), `images[sample_index]`: split
+  over the mesh for `shard`, where each process gathers only its own clients' blocks."""
+  shape = np.shape(sample_index) + np.shape(images)[1:]
+  if strategy == "shard":
+    return distributed.put_sharded_rows(shape, client_mesh(), "clients",
+                                        lambda rows: np.asarray(images)[sample_index[rows]])
+  return jax.device_put(np.asarray(images)[sample_index])
 
 
 def place_replicated(strategy: str, tree):

@@ -397,7 +397,7 @@ class FedLSM(Method):
     cfg, frame = self.cfg, ctx.frame
     key_weak, key_strong, key_uncertain, key_confident, key_lam = jax.random.split(ctx.key, 5)
     class_mask = frame.client["class_mask"]
-    index = frame.per_sample["sample_index"]
+    index = frame.per_sample["image_index"]
     pairs = cfg.mixup_pairs
     uncertain_slots = draw_from_pool(key_uncertain, frame.per_sample["uncertain"], pairs)
     confident_slots = draw_from_pool(key_confident, frame.per_sample["confident"], pairs)
