@@ -206,27 +206,7 @@ class Experiment:
     self.method = METHODS[config.method](config, self.setup)
     self.optimizer = optax.adamw(config.optim.lr, weight_decay=config.optim.weight_decay)
     chunk = min(config.eval.batch_size, max(len(dataset.val), len(dataset.test)))
-    self.eval_chunk = chunk
-    if shared is not None:
-      self.image_mean, self.image_std = shared.image_mean, shared.image_std
-    else:
-      self.image_mean, self.image_std = channel_stats(dataset.train.images)
-    self.per_client_images = resolve_image_layout(config.fl.image_layout) == "per_client"
-    if self.per_client_images:  # the blocks follow this run's partition: never shared
-      self.train_images = strategies.place_client_images(self.strategy, dataset.train.images,
-                                                         layout.sample_index)
-      image_index = np.broadcast_to(np.arange(layout.slots, dtype=np.int32), layout.valid.shape)
-    else:
-      self.train_images = (shared.train_images if shared is not None else
-                           strategies.place_replicated(self.strategy, dataset.train.images))
-      image_index = layout.sample_index
-    self.image_index = np.ascontiguousarray(image_index)
-    if shared is not None and shared.eval_chunk == chunk:
-      self.eval_images = shared.eval_images
-    else:
-      self.eval_images = {name: strategies.place_replicated(
-                              self.strategy, inference.pad_to_multiple(split.images, chunk))
-                          for name, split in (("val", dataset.val), ("test", dataset.test))}
+    self._place_images(shared, chunk)
     self.eval_labels = {"val": dataset.val.labels, "test": dataset.test.labels}
     self._predict = inference.make_predict(self.model, self.task, self.image_mean,
                                            self.image_std, chunk)
@@ -241,6 +221,33 @@ class Experiment:
     self.programs: dict[str, strategies.RoundProgram] = {}
     self.plots_dir = None  # set by `train_and_evaluate` when `config.plots` is True
     self._clients = None  # device copy of the method's client arrays
+
+  def _place_images(self, shared: "Experiment | None", chunk: int):
+    """The image statistics and the device copies of the images (`fl.image_layout`), reusing
+    `shared`'s where they are the same."""
+    dataset, layout = self.dataset, self.layout
+    if shared is not None:
+      self.image_mean, self.image_std = shared.image_mean, shared.image_std
+    else:
+      self.image_mean, self.image_std = channel_stats(dataset.train.images)
+    self.per_client_images = resolve_image_layout(self.config.fl.image_layout) == "per_client"
+    if self.per_client_images:  # the blocks follow this run's partition: never shared
+      self.train_images = strategies.place_client_images(self.strategy, dataset.train.images,
+                                                         layout.sample_index)
+      image_index = np.broadcast_to(np.arange(layout.slots, dtype=np.int32), layout.valid.shape)
+    elif shared is not None and not shared.per_client_images:
+      self.train_images, image_index = shared.train_images, layout.sample_index
+    else:
+      self.train_images = strategies.place_replicated(self.strategy, dataset.train.images)
+      image_index = layout.sample_index
+    self.image_index = np.ascontiguousarray(image_index)
+    self.eval_chunk = chunk
+    if shared is not None and shared.eval_chunk == chunk:
+      self.eval_images = shared.eval_images
+    else:
+      self.eval_images = {name: strategies.place_replicated(
+                              self.strategy, inference.pad_to_multiple(split.images, chunk))
+                          for name, split in (("val", dataset.val), ("test", dataset.test))}
 
   # State ---------------------------------------------------------------------------------------
   def initial_variables(self):
@@ -386,10 +393,11 @@ class RunBatch:
   `RunBatch(configs)` builds one Experiment per config; they share the dataset and its device
   copies, so the configs must have the same `data`. Runs can share a program when they lower to
   the same one: the same data, model, method and schedule, and array shapes; typically runs that
-  differ only in the seed or the label simulation (`labels.*`). This is checked, once per method phase, by comparing a hash of each run's lowered
-  round program (constants included); a mismatch is a ConfigError, never a silently wrong run.
-  Batched and separate runs compute the same function (tested); like the client-parallel
-  strategies, they may differ in the last bits of floating-point results.
+  differ only in the seed or the label simulation (`labels.*`). This is checked, once per method
+  phase, by comparing a hash of each run's lowered round program (constants included); a mismatch
+  is a ConfigError, never a silently wrong run. Batched and separate runs compute the same function
+  (tested); like the client-parallel strategies, they may differ in the last bits of
+  floating-point results. Needs `fl.image_layout=shared` and one process.
   """
 
   def __init__(self, configs):
