@@ -61,3 +61,17 @@ def test_run_batching_tiny_writes_rows(tmp_path):
   for row in rows:
     assert row["batched_seconds_per_round"] > 0 and row["speedup"] > 0
     assert row["separate_strategy"] == "loop" and row["batched_strategy"] == "shard"
+
+
+def test_full_run_tiny_writes_a_row(tmp_path):
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  try:
+    import full_run  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.remove(str(REPO / "benchmarks"))
+  out = tmp_path / "row.json"
+  full_run.main(["--preset=cpu", "--synthetic", "--method=fedavg", "--rounds=2", "--clients=2",
+                 "--train_per_client=16", "--local_epochs=1", f"--out={out}"])
+  row = json.loads(out.read_text())
+  assert row["rounds"] == 2 and row["seconds"] > 0 and row["method"] == "fedavg"
+  assert 0.0 <= row["test_final_mAP"] <= 1.0
