@@ -300,6 +300,13 @@ def test_detection_then_label_logits_written_back_with_diagnostics():
   assert rec["accuracy"]["learned"] == rec["accuracy"]["after"] == 11 / 16
   assert rec["accuracy_corrupted"]["before"] == 0.0 and rec["accuracy_corrupted"]["after"] == 3 / 8
   assert rec["changed_from_observed"] == 3 / 16
+  # 8 of the 16 entries are clean positives; the observed labels call 8 entries positive, 4 of
+  # them right. Client 2's 4 corrupted entries hold 2 clean positives and 2 clean negatives, all
+  # observed wrong; it learns them back except sample 1, class 1 (a clean positive): one more
+  # true positive (5 of 8) and one positive fewer (8 − 2 + 1 = 7).
+  assert rec["clean_positives"] == 8
+  assert rec["positives"] == {"observed": 8, "before": 8, "learned": 7, "after": 7}
+  assert rec["positive_recall"]["observed"] == 4 / 8 and rec["positive_recall"]["after"] == 5 / 8
   assert rec["clients"][0] == {"client": 2, "accuracy_before": 0.5, "accuracy_after": 7 / 8,
                                "accuracy_corrupted_after": 3 / 4}
 

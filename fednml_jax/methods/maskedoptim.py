@@ -373,6 +373,10 @@ class MaskedOptim(Method):
     def accuracies(mask):
       return {name: label_accuracy(table, clean, mask, single) for name, table in tables.items()}
 
+    # Multi-label: how many entries each table labels positive, and which share of the clean
+    # positives it keeps (label correction can erase rare positives wholesale).
+    positives = (None if single else
+                 {name: int(((table > 0) & entries).sum()) for name, table in tables.items()})
     return {
         "round": rnd,
         "noisy_clients": np.flatnonzero(noisy).tolist(),
@@ -380,6 +384,9 @@ class MaskedOptim(Method):
         "corrupted_entries": int(on_corrupted.sum()),
         "accuracy": accuracies(entries),
         "accuracy_corrupted": accuracies(on_corrupted),
+        "clean_positives": None if single else int((entries & (clean > 0.5)).sum()),
+        "positives": positives,
+        "positive_recall": None if single else accuracies(entries & (clean > 0.5)),
         "changed_from_observed": float(changed.mean()) if changed.size else None,
         "clients": [{"client": int(k),
                      "accuracy_before": label_accuracy(before[k], clean[k], entries[k], single),
