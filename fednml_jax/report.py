@@ -109,7 +109,8 @@ def metrics_table(rows: list, blocks: list[tuple], stats: dict, seeds: int | Non
   """Markdown laid out like FedNML's Table II: one row per entry of `rows` (methods, in order) and
   one block of columns mAP, F1, Recall, BAcc per `(block, title)` of `blocks` (settings, in order).
 
-  `stats` is `group_metrics`' output. A cell is `mean ± std`, followed by `(n=k)` when `seeds` is
+  `stats` is `group_metrics`' output. A cell is `mean ± std` (the value alone for a single run),
+  followed by `(n=k)` when `seeds` is
   None or only k < `seeds` runs gave a value; MISSING marks a cell without runs. With `bold_best`,
   the highest mean of each column (ties at the printed precision included) is in bold.
   """
@@ -126,9 +127,8 @@ def metrics_table(rows: list, blocks: list[tuple], stats: dict, seeds: int | Non
         if mean is None:
           cells.append(MISSING)
           continue
-        cell = f"{mean:.3f} ± {std:.3f}"
-        if best.get((block, m)) == round(mean, 3):
-          cell = f"**{mean:.3f}** ± {std:.3f}"
+        value = f"**{mean:.3f}**" if best.get((block, m)) == round(mean, 3) else f"{mean:.3f}"
+        cell = value if count == 1 else f"{value} ± {std:.3f}"  # one run has no spread
         if seeds is None or count < seeds:
           cell += f" (n={count})"
         cells.append(cell)

@@ -90,8 +90,8 @@ def test_table_layout_mean_std_bold_counts_and_missing_cells(tmp_path):
                                 "**0.500** ± 0.000"]
   assert rows["fedavg"][4:] == ["—"] * 4
   # fednml in s1: 1 of 2 seeds; its F1 0.5 is the column's best; Recall, BAcc tie with fedavg.
-  assert rows["fednml"][:4] == ["0.200 ± 0.000 (n=1)", "**0.500** ± 0.000 (n=1)",
-                                "**0.200** ± 0.000 (n=1)", "**0.500** ± 0.000 (n=1)"]
+  assert rows["fednml"][:4] == ["0.200 (n=1)", "**0.500** (n=1)", "**0.200** (n=1)",
+                                "**0.500** (n=1)"]
   assert rows["fednml"][4] == "**0.150** ± 0.050"  # the only method in s2 is the best
   assert "5 of 8 runs finished" in text
   table = list(csv.DictReader(io.StringIO((tmp_path / "table.csv").read_text())))
@@ -145,7 +145,8 @@ def test_sweep_runs_the_grid_and_writes_the_tables(finished_sweep):
   rows = table_rows(text)
   assert list(rows) == ["fedavg", "fedprox"]
   cells = rows["fedavg"] + rows["fedprox"]
-  assert len(cells) == 16 and all(" ± " in c and "(n=" not in c for c in cells)
+  # One seed: each cell is that run's value, with neither a spread nor an (n=k) mark.
+  assert len(cells) == 16 and all(" ± " not in c and "(n=" not in c for c in cells)
   assert sum("**" in c for c in cells) >= 8  # at least one best per column
   summary = json.loads((workdir / "noise20_ann7/fedprox/seed0/summary.json").read_text())
   table = {row["method"]: row for row in csv.DictReader(open(workdir / "table.csv"))}
