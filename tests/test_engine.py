@@ -166,6 +166,7 @@ class _EpochStepPenalty(FedAvg):
 
 
 def test_penalty_sees_the_step_index_within_the_local_epoch():
+  # Two epochs: the index restarts at 0 in each (a global step index would add (2s − 1) / 2).
   config = tiny_config(**{"fl.strategy": "loop", "fl.local_epochs": 2})
   losses = []
   for method_class in (FedAvg, _EpochStepPenalty):
@@ -225,7 +226,7 @@ def _rounds(config, rounds):
     ("fedavg", "shard", 1, {}),
     # FedNML's refinement (round 1) reads the images through `predict_train`; FedLSM's pools
     # through `frame.images` and `predict_all`.
-    ("fednml", "vmap", 2, {"fednml.warmup_rounds": 1, "fednml.refine_every": 1}),
+    ("fednml", "loop", 2, {"fednml.warmup_rounds": 1, "fednml.refine_every": 1}),
     ("fedlsm", "loop", 1, {"fedlsm.mixup_pairs": 2, "fl.scan_unroll": 1}),
 ])
 def test_per_client_image_layout_computes_the_same_run(method, strategy, rounds, overrides):
