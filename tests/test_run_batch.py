@@ -50,11 +50,11 @@ def _losses(records):
 
 @pytest.mark.parametrize("strategy", ["shard", "loop"])  # shard: the vmapped program on a mesh
 def test_batched_runs_match_separate_runs(strategy):
-  # Three seeds and two noise settings of one FedAvg config. `loop` runs the same client program
+  # Two seeds with two noise settings of one FedAvg config. `loop` runs the same client program
   # on the same inputs: bitwise equal after 2 rounds. The vmapped programs reassociate float sums,
   # which Adam amplifies round after round: compared after 1 round, as in test_engine.
   configs = [tiny_config(seed=s, **{"fl.strategy": strategy, "labels.noise_rate": rate})
-             for s, rate in ((0, 0.2), (1, 0.2), (2, 0.4))]
+             for s, rate in ((0, 0.2), (1, 0.4))]
   separate, batched, batch = _separate_and_batched(configs, rounds=2 if strategy == "loop" else 1)
   for (v_sep, r_sep), (v_bat, r_bat) in zip(separate, batched):
     np.testing.assert_allclose(_losses(r_bat), _losses(r_sep),
@@ -69,10 +69,10 @@ def test_batched_runs_match_separate_runs(strategy):
 
 
 def test_batched_fednml_runs_match_separate_runs_through_a_refinement():
-  configs = [tiny_config(method="fednml", seed=s, rounds=3, **{
+  configs = [tiny_config(method="fednml", seed=s, rounds=2, **{
       "fl.strategy": "loop", "fednml.warmup_rounds": 1, "fednml.refine_every": 1})
       for s in (0, 1)]
-  separate, batched, _ = _separate_and_batched(configs, rounds=3)
+  separate, batched, _ = _separate_and_batched(configs, rounds=2)  # round 1 refines
   for (v_sep, r_sep), (v_bat, r_bat) in zip(separate, batched):
     assert [r.get("kind") for r in r_bat] == [r.get("kind") for r in r_sep]
     assert any(r.get("kind") == "refinement" for r in r_bat)
