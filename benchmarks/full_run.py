@@ -14,7 +14,6 @@ device, data, test_final_mAP}.
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -58,11 +57,7 @@ def parse_args(argv=None):
   parser.add_argument("--preset", choices=round_time.PRESETS, required=True)
   parser.add_argument("--method", default="fednml")
   parser.add_argument("--rounds", type=int, default=100)
-  parser.add_argument("--strategy", choices=("auto", "vmap", "shard", "loop"))
-  for flag in ("clients", "train_per_client", "image_size", "local_epochs", "batch_size"):
-    parser.add_argument(f"--{flag}", type=int)
-  parser.add_argument("--synthetic", action="store_true",
-                      help="cpu preset: random images instead of the shared RFMiD file")
+  round_time.add_preset_size_args(parser)
   parser.add_argument("--out", help="write the row as JSON to this file")
   args = parser.parse_args(argv)
   if args.rounds < 1:
@@ -73,9 +68,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
   args = parse_args(argv)
   row = run(args)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(row, f, indent=2)
+  round_time.write_rows(row, args.out)
   return row
 
 

@@ -521,6 +521,24 @@ def format_tables(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def add_preset_size_args(parser) -> None:
+  """The flags `preset_config` reads besides `--preset` (shared by the benchmark scripts)."""
+  for flag in ("clients", "train_per_client", "image_size", "local_epochs", "batch_size"):
+    parser.add_argument(f"--{flag}", type=int)
+  parser.add_argument("--strategy", choices=("auto", "vmap", "shard", "loop"),
+                      help="fl.strategy of the JAX engine (default: the preset's, auto)")
+  parser.add_argument("--synthetic", action="store_true",
+                      help="cpu preset: random images instead of the shared RFMiD file")
+
+
+def write_rows(rows, path) -> None:
+  """The benchmark's rows as JSON at `path` (nothing when `path` is empty)."""
+  if path:
+    with open(path, "w") as f:
+      json.dump(rows, f, indent=2)
+    print(f"wrote {len(rows) if isinstance(rows, list) else 1} row(s) to {path}")
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -529,15 +547,7 @@ def parse_args(argv=None):
   parser.add_argument("--rounds", type=int, default=3, help="timed rounds per round kind")
   parser.add_argument("--methods", default="fedavg,fednml")
   parser.add_argument("--impls", default="jax,torch")
-  parser.add_argument("--clients", type=int)
-  parser.add_argument("--train_per_client", type=int)
-  parser.add_argument("--image_size", type=int)
-  parser.add_argument("--local_epochs", type=int)
-  parser.add_argument("--batch_size", type=int)
-  parser.add_argument("--strategy", choices=("auto", "vmap", "shard", "loop"),
-                      help="fl.strategy of the JAX engine (default: the preset's, auto)")
-  parser.add_argument("--synthetic", action="store_true",
-                      help="cpu preset: random images instead of the shared RFMiD file")
+  add_preset_size_args(parser)
   parser.add_argument("--torch_device", help="default: cuda when available, else cpu")
   parser.add_argument("--torch_workers", type=int, default=0,
                       help="DataLoader workers (the reference uses 0)")
@@ -562,10 +572,7 @@ def main(argv=None) -> list[dict]:
   sys.path.insert(0, HERE)  # torch_reference
   rows = run_preset(args)
   print(format_tables(rows))
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(rows, f, indent=2)
-    print(f"wrote {len(rows)} rows to {args.out}")
+  write_rows(rows, args.out)
   return rows
 
 

@@ -21,7 +21,6 @@ seconds_per_run_round, speedup, images_per_second, compile_seconds, status}.
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -130,12 +129,7 @@ def parse_args(argv=None):
   parser.add_argument("--rounds", type=int, default=2, help="timed rounds per run count")
   parser.add_argument("--method", default="fedavg")
   parser.add_argument("--batched_strategy", choices=("vmap", "shard", "loop"))
-  parser.add_argument("--strategy", choices=("auto", "vmap", "shard", "loop"),
-                      help="fl.strategy of the separate runs (default: the preset's, auto)")
-  for flag in ("clients", "train_per_client", "image_size", "local_epochs", "batch_size"):
-    parser.add_argument(f"--{flag}", type=int)
-  parser.add_argument("--synthetic", action="store_true",
-                      help="cpu preset: random images instead of the shared RFMiD file")
+  round_time.add_preset_size_args(parser)  # --strategy: that of the separate runs
   parser.add_argument("--out", help="write the rows as a JSON list to this file")
   args = parser.parse_args(argv)
   try:
@@ -150,10 +144,7 @@ def parse_args(argv=None):
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   rows = run(args)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(rows, f, indent=2)
-    print(f"wrote {len(rows)} rows to {args.out}")
+  round_time.write_rows(rows, args.out)
   return rows
 
 

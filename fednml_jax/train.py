@@ -381,10 +381,6 @@ class Experiment:
     }
 
 
-def _stack(trees):
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
 class RunBatch:
   """Several runs advanced in lock-step: each round, every run's host step, then one program that
   trains all runs' clients (the round program vmapped over a leading run axis), then every run's
@@ -424,10 +420,10 @@ class RunBatch:
     clients = [i.clients for i in inputs]
     if self._stacked_clients[0] is None or any(
         a is not b for a, b in zip(clients, self._stacked_clients[0])):
-      self._stacked_clients = (clients, _stack(clients))
+      self._stacked_clients = (clients, strategies.stack_trees(clients))
     outputs = first.program_for(phase, batched_runs=True)(
-        _stack(variables), first.train_images, self._stacked_clients[1],
-        _stack([i.scalars for i in inputs]), np.stack([i.round_key for i in inputs]))
+        strategies.stack_trees(variables), first.train_images, self._stacked_clients[1],
+        strategies.stack_trees([i.scalars for i in inputs]), np.stack([i.round_key for i in inputs]))
     results = [e.finish_round(i, jax.tree.map(lambda a, r=r: a[r], outputs))
                for r, (e, i) in enumerate(zip(self.experiments, inputs))]
     return tuple(list(column) for column in zip(*results))

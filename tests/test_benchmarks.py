@@ -19,15 +19,20 @@ SPLIT_KEYS = {"train_seconds", "refine_device_seconds", "refine_transfer_seconds
               "refine_host_seconds", "eval_seconds", "mfu", "model_flops_per_round"}
 
 
+def _benchmark(name: str):
+  """The module benchmarks/NAME.py (the scripts import each other by file name)."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.remove(str(REPO / "benchmarks"))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                     reason="torch is not installed (optional: pip install -e .[bench]); the "
                            "benchmark compares against a PyTorch round")
 def test_round_time_tiny_cpu_preset_writes_rows(tmp_path):
-  sys.path.insert(0, str(REPO / "benchmarks"))
-  try:
-    import round_time  # pylint: disable=import-outside-toplevel
-  finally:
-    sys.path.remove(str(REPO / "benchmarks"))
+  round_time = _benchmark("round_time")
   out = tmp_path / "rows.json"
   argv = ["--preset=cpu", "--methods=fednml", "--rounds=1", "--clients=2",
           "--train_per_client=16", "--local_epochs=2", "--matmul_size=128",
@@ -48,11 +53,7 @@ def test_round_time_tiny_cpu_preset_writes_rows(tmp_path):
 
 
 def test_run_batching_tiny_writes_rows(tmp_path):
-  sys.path.insert(0, str(REPO / "benchmarks"))
-  try:
-    import run_batching  # pylint: disable=import-outside-toplevel
-  finally:
-    sys.path.remove(str(REPO / "benchmarks"))
+  run_batching = _benchmark("run_batching")
   out = tmp_path / "rows.json"
   # `loop` batches reuse the separate runs' client program (one compile); tests/test_run_batch.py
   # checks the vmapped batch itself.
@@ -67,11 +68,7 @@ def test_run_batching_tiny_writes_rows(tmp_path):
 
 
 def test_full_run_tiny_writes_a_row(tmp_path):
-  sys.path.insert(0, str(REPO / "benchmarks"))
-  try:
-    import full_run  # pylint: disable=import-outside-toplevel
-  finally:
-    sys.path.remove(str(REPO / "benchmarks"))
+  full_run = _benchmark("full_run")
   out = tmp_path / "row.json"
   full_run.main(["--preset=cpu", "--synthetic", "--method=fedavg", "--rounds=2", "--clients=2",
                  "--train_per_client=16", "--local_epochs=1", f"--out={out}"])

@@ -44,6 +44,11 @@ def client_mesh() -> Mesh:
   return Mesh(np.array(jax.devices()), ("clients",))
 
 
+def stack_trees(trees):
+  """Pytrees of one structure stacked leaf by leaf on a new leading axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 def client_keys(round_key, num_clients: int):
   return jax.vmap(lambda k: jax.random.fold_in(round_key, k))(jnp.arange(num_clients))
 
@@ -103,7 +108,7 @@ class RoundProgram:
       row = lambda tree, r: jax.tree.map(lambda a: a[r], tree)  # noqa: E731
       runs = [self._loop_round(row(global_vars, r), images, row(clients, r), row(scalars, r),
                                round_key[r]) for r in range(len(round_key))]
-      return jax.tree.map(lambda *xs: jnp.stack(xs), *runs)
+      return stack_trees(runs)
     return self._loop_round(global_vars, images, clients, scalars, round_key)
 
   def fingerprint(self, global_vars, images, clients, scalars, round_key) -> str:
@@ -119,8 +124,7 @@ class RoundProgram:
     outputs = [self._client(global_vars, images[k] if self.per_client_images else images,
                             jax.tree.map(lambda a: a[k], clients), scalars, keys[k])
                for k in range(num_clients)]
-    stack = lambda i: jax.tree.map(lambda *xs: jnp.stack(xs), *[o[i] for o in outputs])  # noqa: E731
-    client_vars, losses, client_outputs = stack(0), stack(1), stack(2)
+    client_vars, losses, client_outputs = (stack_trees([o[i] for o in outputs]) for i in range(3))
     return self._aggregate(client_vars, clients, global_vars), losses, client_vars, client_outputs
 
 
