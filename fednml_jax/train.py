@@ -423,7 +423,8 @@ class RunBatch:
       self._stacked_clients = (clients, strategies.stack_trees(clients))
     outputs = first.program_for(phase, batched_runs=True)(
         strategies.stack_trees(variables), first.train_images, self._stacked_clients[1],
-        strategies.stack_trees([i.scalars for i in inputs]), np.stack([i.round_key for i in inputs]))
+        strategies.stack_trees([i.scalars for i in inputs]),
+        np.stack([i.round_key for i in inputs]))
     results = [e.finish_round(i, jax.tree.map(lambda a, r=r: a[r], outputs))
                for r, (e, i) in enumerate(zip(self.experiments, inputs))]
     return tuple(list(column) for column in zip(*results))
