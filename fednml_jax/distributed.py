@@ -6,8 +6,9 @@ same simulated federation from (config, seed), the client axis is split over the
 hosts (the `shard` strategy over a global `jax.sharding` mesh), and each process materialises only
 the rows of the clients whose devices it owns (`put_sharded`). The training images are laid out
 per client there (`fl.image_layout=auto`): each device holds only its clients' images, and each
-process gathers only those from the dataset it read (every process still reads the whole dataset
-file). Host steps (Gaussian-mixture fits) run on every
+process reads only those (with the training images' statistics summed over processes) where the
+data source reads rows on demand (the CSV + image-folder sources; an `.npz` file is read whole).
+Host steps (Gaussian-mixture fits) run on every
 process on all-gathered arrays, so their results agree; only process 0 writes files.
 Single-process runs use the same functions, which reduce to `jax.device_put`.
 """
@@ -36,6 +37,25 @@ def is_primary() -> bool:
 
 def multi_process() -> bool:
   return jax.process_count() > 1
+
+
+def primary_first(fn):
+  """`fn()` on process 0, then on the others (e.g. a load that may build a shared cache)."""
+  if not multi_process():
+    return fn()
+  result = fn() if is_primary() else None
+  multihost_utils.sync_global_devices("fednml_jax: process 0 went first")
+  return result if is_primary() else fn()
+
+
+def gather_from_processes(array: np.ndarray) -> np.ndarray:
+  """Every process's `array` (same shape and dtype everywhere) stacked on a new leading axis, bit
+  for bit (sent as bytes, so float64 survives JAX's default 32-bit mode)."""
+  array = np.ascontiguousarray(array)
+  if not multi_process():
+    return array[None]
+  raw = np.asarray(multihost_utils.process_allgather(array.reshape(-1).view(np.uint8)))
+  return raw.view(array.dtype).reshape((-1,) + array.shape)
 
 
 def put_sharded(tree, mesh, axis: str):

@@ -32,7 +32,7 @@ from fednml_jax import checkpointing, distributed
 from fednml_jax import config as config_lib
 from fednml_jax.corruption import SINGLE_LABEL_NOISE_TYPES, one_hot_classes, simulate_clients
 from fednml_jax.data import load_dataset
-from fednml_jax.data.types import channel_moments
+from fednml_jax.data.types import RowReader, channel_sums, moments_from_sums
 from fednml_jax.engine import inference, local_training, strategies
 from fednml_jax.engine.clients import ClientLayout
 from fednml_jax.errors import ConfigError, UserError
@@ -116,9 +116,9 @@ def build_federation(config, dataset, task, client_padding: int) -> FederatedSet
                         annotated=layout.pad_clients(sim.annotated, False))
 
 
-def channel_stats(images: np.ndarray):
-  """The training images' per-channel mean and std as float32 device constants."""
-  mean, std = channel_moments(images)
+def channel_stats(total, squares, count):
+  """The per-channel mean and std from `channel_sums`' output, as float32 device constants."""
+  mean, std = moments_from_sums(total, squares, count)
   return jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
 
@@ -190,7 +190,9 @@ class Experiment:
                                or self.strategy != shared.strategy):
       raise ConfigError("Runs batched together must share config.data and the client-parallel "
                         f"strategy (seeds {shared.config.seed} and {config.seed} do not).")
-    self.dataset = dataset = load_dataset(config.data) if shared is None else shared.dataset
+    # Process 0 first: it builds the dataset cache that the other processes then read.
+    self.dataset = dataset = distributed.primary_first(lambda: load_dataset(config.data)) \
+        if shared is None else shared.dataset
     self.setup = build_federation(config, dataset, self.task,
                                   strategies.client_padding(self.strategy))
     self.layout = layout = self.setup.layout
@@ -224,29 +226,52 @@ class Experiment:
 
   def _place_images(self, shared: "Experiment | None", chunk: int):
     """The image statistics and the device copies of the images (`fl.image_layout`), reusing
-    `shared`'s where they are the same."""
+    `shared`'s where they are the same. With the per-client layout a process reads only the
+    training images of its own clients (plus, on process 0 of a multi-host run, those of no
+    client, so that the statistics summed over processes cover the whole training split)."""
     dataset, layout = self.dataset, self.layout
-    if shared is not None:
-      self.image_mean, self.image_std = shared.image_mean, shared.image_std
-    else:
-      self.image_mean, self.image_std = channel_stats(dataset.train.images)
+    images = dataset.train.images
+    multi_host = distributed.multi_process()
     self.per_client_images = resolve_image_layout(self.config.fl.image_layout) == "per_client"
     if self.per_client_images:  # the blocks follow this run's partition: never shared
-      self.train_images = strategies.place_client_images(self.strategy, dataset.train.images,
-                                                         layout.sample_index)
+      own = strategies.process_client_rows(self.strategy, len(layout.sample_index))
+      stat_rows = np.zeros(0, np.int64)
+      if multi_host:
+        stat_rows = np.unique(layout.sample_index[own][layout.valid[own]])
+        if distributed.is_primary():
+          unassigned = np.setdiff1d(np.arange(len(images)), layout.sample_index[layout.valid])
+          stat_rows = np.union1d(stat_rows, unassigned)
+      needed = np.union1d(layout.sample_index[own], stat_rows)
+      local = images[needed]  # only these rows are read
+      self.train_images = strategies.place_client_images(
+          self.strategy, local, np.searchsorted(needed, layout.sample_index))
       image_index = np.broadcast_to(np.arange(layout.slots, dtype=np.int32), layout.valid.shape)
+      logging.info("process %d of %d holds %d of %d training images (its clients')%s",
+                   jax.process_index(), jax.process_count(), len(needed), len(images),
+                   f"; {images.rows_read} read from disk" if isinstance(images, RowReader) else "")
     elif shared is not None and not shared.per_client_images:
       self.train_images, image_index = shared.train_images, layout.sample_index
     else:
-      self.train_images = strategies.place_replicated(self.strategy, dataset.train.images)
+      images = np.asarray(images)  # reads every row
+      self.train_images = strategies.place_replicated(self.strategy, images)
       image_index = layout.sample_index
     self.image_index = np.ascontiguousarray(image_index)
+    if shared is not None:
+      self.image_mean, self.image_std = shared.image_mean, shared.image_std
+    elif self.per_client_images and multi_host:  # each process sums its rows
+      total, squares, count = channel_sums(local[np.searchsorted(needed, stat_rows)])
+      sums = np.stack([total, squares, np.full_like(total, count)])
+      self.image_mean, self.image_std = channel_stats(
+          *distributed.gather_from_processes(sums).sum(0))
+    else:
+      self.image_mean, self.image_std = channel_stats(*channel_sums(images))
     self.eval_chunk = chunk
     if shared is not None and shared.eval_chunk == chunk:
       self.eval_images = shared.eval_images
     else:
       self.eval_images = {name: strategies.place_replicated(
-                              self.strategy, inference.pad_to_multiple(split.images, chunk))
+                              self.strategy, inference.pad_to_multiple(np.asarray(split.images),
+                                                                       chunk))
                           for name, split in (("val", dataset.val), ("test", dataset.test))}
 
   # State ---------------------------------------------------------------------------------------

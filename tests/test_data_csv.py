@@ -19,7 +19,7 @@ from PIL import Image
 from fednml_jax.data import csv_images
 from fednml_jax.data.csv_images import load_csv_image_dataset
 from fednml_jax.data.splits import carve_validation, split_off
-from fednml_jax.data.types import Split
+from fednml_jax.data.types import RowReader, Split
 from fednml_jax.errors import ConfigError, DataError
 
 SIZE = 8
@@ -72,14 +72,15 @@ def make_mured(root: Path, seed: int = 0, id_column: str = "ID", n_train: int = 
   return {"classes": classes, "truth": truth}
 
 
-def make_rfmid(root: Path, seed: int = 1) -> dict:
-  """RFMiD: three Set folders, ID + Disease_Risk + class columns, <ID>.png images."""
+def make_rfmid(root: Path, seed: int = 1, counts: tuple[int, int, int] = (6, 3, 3)) -> dict:
+  """RFMiD: three Set folders, ID + Disease_Risk + class columns, <ID>.png images; `counts`
+  images in train, val and test."""
   rng = np.random.default_rng(seed)
   classes = ["DR", "ARMD", "MH"]
   truth = {}
-  sets = (("train", "Training_Set", "RFMiD_Training_Labels.csv", "Training", 6, 1),
-          ("val", "Evaluation_Set", "RFMiD_Validation_Labels.csv", "Validation", 3, 1),
-          ("test", "Test_Set", "RFMiD_Testing_Labels.csv", "Test", 3, 1))
+  sets = (("train", "Training_Set", "RFMiD_Training_Labels.csv", "Training", counts[0], 1),
+          ("val", "Evaluation_Set", "RFMiD_Validation_Labels.csv", "Validation", counts[1], 1),
+          ("test", "Test_Set", "RFMiD_Testing_Labels.csv", "Test", counts[2], 1))
   for split, folder, csv_name, images, n, first in sets:
     labels = _labels(rng, n, len(classes))
     rows = []
@@ -196,6 +197,56 @@ def test_second_load_reads_the_cache_not_the_images(mured, monkeypatch):
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.ids, b.ids)  # the carved val split is deterministic
+
+
+def test_row_reader_reads_only_the_rows_asked_for():
+  pixels = np.array([10, 20, 30, 40, 50], np.uint8).reshape(5, 1, 1, 1)
+  calls = []
+
+  def read(rows):
+    calls.append(rows.tolist())
+    return pixels[rows]
+
+  reader = RowReader(read, (1, 1, 1), np.arange(5))
+  assert reader.shape == (5, 1, 1, 1) and len(reader) == 5 and reader.rows_read == 0
+  out = reader[np.array([[3, 1], [3, 0]])]  # a repeated row is read once
+  assert out.shape == (2, 2, 1, 1, 1) and out.ravel().tolist() == [40, 20, 40, 10]
+  assert calls == [[0, 1, 3]] and reader.rows_read == 3
+  sub = reader.subset(np.array([False, True, False, True, True]))  # rows 1, 3, 4: nothing read
+  assert calls == [[0, 1, 3]] and sub.shape == (3, 1, 1, 1)
+  assert sub[2].ravel().tolist() == [50] and calls[-1] == [4]
+  assert sub.rows_read == reader.rows_read == 4  # one count for a reader and its subsets
+  assert sub[1:].ravel().tolist() == [40, 50]
+  assert np.asarray(sub).ravel().tolist() == [20, 40, 50]
+  taken = Split(reader, np.eye(5, dtype=np.uint8)).take(np.array([4, 0]))
+  assert isinstance(taken.images, RowReader)
+  assert np.asarray(taken.images).ravel().tolist() == [50, 10]
+  assert taken.labels.argmax(1).tolist() == [4, 0]
+
+
+def test_csv_splits_read_images_on_demand(rfmid):
+  root, _, _ = rfmid
+  ds = load_csv_image_dataset("rfmid", str(root), SIZE)  # the cache exists: nothing is read
+  reader = ds.train.images
+  assert isinstance(reader, RowReader) and reader.rows_read == 0
+  part = reader[np.array([4, 1])]
+  assert reader.rows_read == 2
+  np.testing.assert_array_equal(part, np.asarray(reader)[[4, 1]])
+
+
+def test_a_cache_record_out_of_place_is_reported(tmp_path):
+  class Shuffled:  # a cache whose record i holds CSV row i + 1
+    def __len__(self):
+      return 2
+
+    def __getitems__(self, rows):
+      return [{"index": r + 1, "image": np.zeros((SIZE, SIZE, 3), np.uint8)} for r in rows]
+
+  table = csv_images._Table("train", tmp_path / "a.csv", tmp_path, ("1", "2"),
+                            np.zeros((2, 1), np.uint8), ("DR",))
+  split = csv_images._read_split(Shuffled(), table, SIZE, tmp_path)
+  with pytest.raises(DataError, match="damaged .*record 0 holds CSV row 1"):
+    np.asarray(split.images)
 
 
 def test_other_size_and_cache_dir_build_a_new_cache(rfmid, tmp_path):

@@ -1,8 +1,8 @@
 """A multi-host run (`run.py --distributed`): two processes on this machine, each with two virtual
 CPU devices, joined by `jax.distributed.initialize()` (gloo collectives on CPU), compute the same
 run as one process with four devices, with the training images laid out per client (each device
-holds its clients' images) where the single process shares the whole set. Only process 0 writes
-the run's files."""
+holds its clients' images, and each process reads only those from the dataset cache) where the
+single process shares the whole set. Only process 0 writes the run's files."""
 
 import json
 import os
@@ -10,16 +10,20 @@ import socket
 import subprocess
 import sys
 
+import re
+
 import numpy as np
 
 from conftest import REPO
+from test_data_csv import make_rfmid
 
+NUM_TRAIN = 48
 TINY = ["--config=configs/demo.py", "--config.compare=", "--config.method=fedavg",
-        "--config.rounds=2", "--config.data.embedded_train=160", "--config.data.embedded_val=60",
-        "--config.data.embedded_test=80", "--config.data.min_positives=5",
-        "--config.labels.noise_rate=0.2", "--config.labels.annotation_num=7",
-        "--config.fl.num_clients=3", "--config.fl.local_epochs=1", "--config.fl.batch_size=16",
-        "--config.model.width=8", "--config.fl.strategy=shard"]
+        "--config.rounds=2", "--config.data.source=rfmid", "--config.data.image_size=16",
+        "--config.data.min_positives=1", "--config.labels.noise_rate=0.2",
+        "--config.labels.annotation_num=2", "--config.fl.num_clients=3",
+        "--config.fl.local_epochs=1", "--config.fl.batch_size=16", "--config.model.width=8",
+        "--config.fl.strategy=shard"]
 
 
 def _env(devices: int):
@@ -34,13 +38,16 @@ def _free_port() -> int:
 
 
 def test_two_processes_compute_the_single_process_run(tmp_path):
-  single = subprocess.run([sys.executable, "run.py", *TINY, f"--workdir={tmp_path / 'single'}"],
+  make_rfmid(tmp_path / "rfmid", counts=(NUM_TRAIN, 12, 12))
+  tiny = [*TINY, f"--config.data.path={tmp_path / 'rfmid'}"]
+  # The single process builds the dataset cache, which the two processes then read.
+  single = subprocess.run([sys.executable, "run.py", *tiny, f"--workdir={tmp_path / 'single'}"],
                           cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
 
   workdir, port = tmp_path / "multi", _free_port()
   procs = [subprocess.Popen(
-      [sys.executable, "run.py", *TINY, f"--workdir={workdir}", "--distributed",
+      [sys.executable, "run.py", *tiny, f"--workdir={workdir}", "--distributed",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
@@ -66,5 +73,13 @@ def test_two_processes_compute_the_single_process_run(tmp_path):
   summaries = [json.loads((d / "summary.json").read_text()) for d in (workdir, tmp_path / "single")]
   np.testing.assert_allclose(summaries[0]["test_final"]["mAP"], summaries[1]["test_final"]["mAP"],
                              atol=1e-3)
-  # Multi-host: each device holds only its clients' images (fl.image_layout=auto).
+  # Multi-host: each device holds only its clients' images (fl.image_layout=auto), and each process
+  # read only those from the cache: process 0 the 16 + 16 of clients 0 and 1 (plus the images of no
+  # client, for the image statistics: none here), process 1 the 16 of client 2 and the one image a
+  # padded client slot points at (client 3 is padding: 3 clients on 4 devices).
   assert [s["image_layout"] for s in summaries] == ["per_client", "shared"]
+  held = [re.search(r"process (\d) of 2 holds (\d+) of (\d+) training images \(its clients'\); "
+                    r"(\d+) read from disk", err) for _, err in outputs]
+  assert all(held), [err[-2000:] for _, err in outputs]
+  assert [tuple(map(int, m.groups())) for m in held] == [(0, 32, NUM_TRAIN, 32),
+                                                          (1, 17, NUM_TRAIN, 17)]

@@ -3,9 +3,11 @@
 Each of these datasets is published as one CSV per split (an id column plus one 0/1 column per
 class) and a folder of fundus photographs named by id. `load_csv_image_dataset` checks the files,
 decodes and resizes every image once, and stores the result with a `tfds` builder in the
-`array_record` format under `cache_dir` (default `<root>/.fednml_cache`). Later loads read that
-cache back through `builder.as_data_source()`, which needs neither TensorFlow nor the original
-images.
+`array_record` format under `cache_dir` (default `<root>/.fednml_cache`), record `i` holding CSV
+row `i`. Later loads take labels and ids from the CSV files and read images from that cache through
+`builder.as_data_source()` (random access; neither TensorFlow nor the original images needed) only
+when they are asked for: the splits' images are `RowReader`s, so a process of a multi-host run
+reads only its own clients' training images.
 
 The cache is keyed by layout, image size and a hash of the CSV files, so editing a CSV or asking
 for another image size builds a new cache next to the old one (delete stale ones by hand).
@@ -40,13 +42,13 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from fednml_jax.data.splits import carve_validation, split_off
-from fednml_jax.data.types import Dataset, Split
+from fednml_jax.data.types import Dataset, RowReader, Split
 from fednml_jax.errors import ConfigError, DataError
 
 __all__ = ["LAYOUTS", "load_csv_image_dataset", "default_cache_dir"]
 
 # Bump when the decoding or the stored format changes, so that old caches are not reused.
-_CACHE_FORMAT = "1"
+_CACHE_FORMAT = "2"  # 2: records unshuffled (record i = CSV row i)
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _VAL_FRACTION = 0.1
 _TEST_FRACTION = 0.2
@@ -379,6 +381,7 @@ class CsvImagesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "id": tfds.features.Text(),
         }),
         homepage=layout.homepage,
+        disable_shuffling=True,  # record i is CSV row i: a process reads only the rows it needs
     )
 
   def _split_generators(self, dl_manager):
@@ -433,27 +436,28 @@ def _fingerprint(layout: _Layout, tables: Sequence[_Table], size: int) -> str:
 
 
 def _read_split(source, table: _Table, size: int, cache_path: Path) -> Split:
+  """The split's labels and ids from its CSV and its images as a `RowReader` over the cache
+  (record `i` is CSV row `i`: the cache is written unshuffled), read only when asked for."""
   n = len(table.ids)
   if len(source) != n:
     raise DataError(f"The cache in {cache_path} holds {len(source)} {table.split} images but "
                     f"{table.csv_path} lists {n}; the cache is stale or damaged. Delete "
                     f"{cache_path} and load again to rebuild it.")
-  images = np.empty((n, size, size, 3), dtype=np.uint8)
-  labels = np.empty((n, len(table.class_names)), dtype=np.uint8)
-  ids: list[str] = [""] * n
-  filled = np.zeros(n, dtype=bool)
-  for start in range(0, n, _READ_CHUNK):
-    for rec in source.__getitems__(list(range(start, min(start + _READ_CHUNK, n)))):
-      i = int(rec["index"])
-      images[i] = rec["image"]
-      labels[i] = rec["label"]
-      ident = rec["id"]
-      ids[i] = ident.decode("utf-8") if isinstance(ident, bytes) else str(ident)
-      filled[i] = True
-  if not filled.all():
-    raise DataError(f"The cache in {cache_path} is damaged (some {table.split} rows are missing). "
-                    f"Delete {cache_path} and load again to rebuild it.")
-  return Split(images=images, labels=labels, ids=np.asarray(ids))
+
+  def read(rows: np.ndarray) -> np.ndarray:
+    images = np.empty((len(rows), size, size, 3), dtype=np.uint8)
+    for start in range(0, len(rows), _READ_CHUNK):
+      chunk = rows[start:start + _READ_CHUNK]
+      for j, (row, rec) in enumerate(zip(chunk, source.__getitems__(chunk.tolist()))):
+        if int(rec["index"]) != row:
+          raise DataError(f"The cache in {cache_path} is damaged ({table.split} record {row} holds "
+                          f"CSV row {int(rec['index'])}). Delete {cache_path} and load again to "
+                          "rebuild it.")
+        images[start + j] = rec["image"]
+    return images
+
+  return Split(images=RowReader(read, (size, size, 3), np.arange(n)), labels=table.labels,
+               ids=np.asarray(table.ids))
 
 
 def _cached_splits(layout: _Layout, root: Path, tables: Sequence[_Table], size: int,

@@ -146,6 +146,16 @@ def place_client_images(strategy: str, images, sample_index):
   return jax.device_put(np.asarray(images)[sample_index])
 
 
+def process_client_rows(strategy: str, num_clients: int) -> np.ndarray:
+  """The clients (rows of the client axis) whose blocks this process places: under `shard`,
+  those of its devices in the mesh; otherwise all of them."""
+  if strategy != "shard":
+    return np.arange(num_clients)
+  blocks = NamedSharding(client_mesh(), PartitionSpec("clients")).addressable_devices_indices_map(
+      (num_clients,))
+  return np.unique(np.concatenate([np.arange(num_clients)[index[0]] for index in blocks.values()]))
+
+
 def place_replicated(strategy: str, tree):
   """Puts arrays every client reads (images, the global model) on the device(s): on every device
   of the mesh for `shard`."""
