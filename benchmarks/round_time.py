@@ -321,7 +321,7 @@ class TorchRunner:
     self.federation = torch_reference.TorchFederation(
         model_name=config.model.name, norm=config.model.norm,
         num_outputs=experiment.model.num_outputs, widths=small_cnn_widths(config.model.width),
-        train_images=experiment.dataset.train.images, observed_labels=setup.observed_labels,
+        train_images=np.asarray(experiment.dataset.train.images), observed_labels=setup.observed_labels,
         client_indices=clients, annotated=setup.annotated[:layout.num_real_clients],
         mean=np.asarray(experiment.image_mean), std=np.asarray(experiment.image_std),
         augment=config.augment.to_dict(), batch_size=config.fl.batch_size,
@@ -331,7 +331,8 @@ class TorchRunner:
         refine_every=fednml.refine_every, hard_high=fednml.hard_high, hard_low=fednml.hard_low,
         missing_momentum=fednml.missing_momentum, tau=fednml.tau)
     dataset = experiment.dataset
-    self.eval_images = {"val": dataset.val.images, "test": dataset.test.images}
+    self.eval_images = {"val": np.asarray(dataset.val.images),
+                        "test": np.asarray(dataset.test.images)}
     self.eval_labels = {"val": dataset.val.labels, "test": dataset.test.labels}
 
   def round(self, rnd: int) -> dict:
