@@ -155,6 +155,35 @@ def test_local_hooks_carry_state_gradients_and_outputs(strategy):
   assert jax.tree.leaves(new_variables)
 
 
+def _primitive_names(jaxpr) -> set:
+  """The primitives of a (closed) jaxpr and of every jaxpr nested in its equations."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+          names |= _primitive_names(sub)
+  return names
+
+
+@pytest.mark.parametrize("batch_size, steps", [(64, 1), (16, 4)])
+def test_a_single_local_step_runs_without_a_loop(batch_size, steps):
+  """One local step is straight-line code (XLA:CPU runs the gradient convolutions of a one-trip
+  loop about 20x slower); several steps are a scan."""
+  experiment = train.Experiment(tiny_config(**{"fl.strategy": "loop",
+                                               "fl.batch_size": batch_size}))
+  assert -(-int(experiment.layout.counts.max()) // batch_size) == steps
+  variables = experiment.initial_variables()
+  inputs = experiment.prepare_round(0, variables, experiment.method.init_state())
+  client = jax.tree.map(lambda a: a[0], inputs.clients)
+  jaxpr = jax.make_jaxpr(experiment.program_for(inputs.phase)._client)(
+      variables, experiment.train_images, client, inputs.scalars, inputs.round_key)
+  assert ("scan" in _primitive_names(jaxpr)) == (steps > 1)
+  assert "conv_general_dilated" in _primitive_names(jaxpr)
+
+
 class _EpochStepPenalty(FedAvg):
   """FedAvg plus a parameter-free penalty equal to the step's index within its local epoch: it adds
   to the reported loss without changing training."""

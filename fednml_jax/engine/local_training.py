@@ -218,9 +218,16 @@ def make_client_update(*, model, method, phase, optimizer: optax.GradientTransfo
       return carry, (loss, nonempty)
 
     carry = (params, global_vars["batch_stats"], opt_state, local)
-    unroll = resolve_unroll(scan_unroll, num_steps)
-    (params, batch_stats, _, local), (step_loss, nonempty) = jax.lax.scan(
-        step, carry, (jnp.arange(num_steps), slots, weights, step_keys), unroll=unroll)
+    steps = (jnp.arange(num_steps), slots, weights, step_keys)
+    if num_steps == 1:
+      # No one-trip loop: XLA:CPU keeps the gradient convolutions inside it in a layout it has no
+      # fast kernel for (SmallCNN-32, 32 px, batch 32: 413 ms per client update, 20 ms without).
+      carry, outputs = step(carry, jax.tree.map(lambda a: a[0], steps))
+      outputs = jax.tree.map(lambda a: a[None], outputs)
+    else:
+      carry, outputs = jax.lax.scan(step, carry, steps,
+                                    unroll=resolve_unroll(scan_unroll, num_steps))
+    (params, batch_stats, _, local), (step_loss, nonempty) = carry, outputs
     mean_loss = jnp.sum(jnp.where(nonempty, step_loss, 0.0)) / jnp.maximum(jnp.sum(nonempty), 1)
     new_vars = {"params": params, "batch_stats": batch_stats}
     return new_vars, mean_loss, method.local_output(phase, local, frame=frame, variables=new_vars,
