@@ -227,6 +227,25 @@ def test_strong_view_is_random_per_image_and_stays_in_range():
   np.testing.assert_allclose(flipped, x[0][::-1], atol=1e-5)
 
 
+def test_bilinear_sample_by_hand_and_as_map_coordinates():
+  # A 2x2 image with channels (v, 10v): the centre is the mean; half a pixel outside the right
+  # edge keeps half of the edge pixels (zero fill); an integer coordinate is that pixel.
+  image = jnp.asarray([[[0.0, 0.0], [2.0, 20.0]], [[4.0, 40.0], [6.0, 60.0]]])
+  ys, xs = jnp.asarray([[0.5, 0.5, 1.0]]), jnp.asarray([[0.5, 1.5, 0.0]])
+  np.testing.assert_allclose(augment.bilinear_sample(image, ys, xs),
+                             [[[3.0, 30.0], [2.0, 20.0], [4.0, 40.0]]])
+  # The same numbers, bit for bit, as jax.scipy's map_coordinates on each channel.
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.random((9, 7, 3)), jnp.float32)
+  ys = jnp.asarray(rng.uniform(-2, 10, (5, 6)), jnp.float32)
+  xs = jnp.asarray(rng.uniform(-2, 8, (5, 6)), jnp.float32)
+  per_channel = jnp.stack([jax.scipy.ndimage.map_coordinates(image[..., c], [ys, xs], order=1,
+                                                             mode="constant", cval=0.0)
+                           for c in range(3)], axis=-1)
+  np.testing.assert_array_equal(jax.jit(augment.bilinear_sample)(image, ys, xs),
+                                jax.jit(lambda: per_channel)())
+
+
 def test_bfloat16_compute_trains_end_to_end_with_float32_parameters(tmp_path):
   """Mixed precision (`model.dtype = "bfloat16"`): a whole run trains and evaluates, and the
   parameters stay float32 (the master weights)."""
