@@ -40,14 +40,15 @@ def _free_port() -> int:
 def test_two_processes_compute_the_single_process_run(tmp_path):
   make_rfmid(tmp_path / "rfmid", counts=(NUM_TRAIN, 12, 12))
   tiny = [*TINY, f"--config.data.path={tmp_path / 'rfmid'}"]
-  # The single process builds the dataset cache, which the two processes then read.
   single = subprocess.run([sys.executable, "run.py", *tiny, f"--workdir={tmp_path / 'single'}"],
                           cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
 
   workdir, port = tmp_path / "multi", _free_port()
+  # A cache folder of their own: process 0 builds it while process 1 waits, then both read it.
   procs = [subprocess.Popen(
       [sys.executable, "run.py", *tiny, f"--workdir={workdir}", "--distributed",
+       f"--config.data.cache_dir={tmp_path / 'multi_cache'}",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
@@ -73,6 +74,7 @@ def test_two_processes_compute_the_single_process_run(tmp_path):
   summaries = [json.loads((d / "summary.json").read_text()) for d in (workdir, tmp_path / "single")]
   np.testing.assert_allclose(summaries[0]["test_final"]["mAP"], summaries[1]["test_final"]["mAP"],
                              atol=1e-3)
+  assert list((tmp_path / "multi_cache").rglob("*.array_record*"))
   # Multi-host: each device holds only its clients' images (fl.image_layout=auto), and each process
   # read only those from the cache: process 0 the 16 + 16 of clients 0 and 1 (plus the images of no
   # client, for the image statistics: none here), process 1 the 16 of client 2 and the one image a
