@@ -321,7 +321,8 @@ class TorchRunner:
     self.federation = torch_reference.TorchFederation(
         model_name=config.model.name, norm=config.model.norm,
         num_outputs=experiment.model.num_outputs, widths=small_cnn_widths(config.model.width),
-        train_images=np.asarray(experiment.dataset.train.images), observed_labels=setup.observed_labels,
+        train_images=np.asarray(experiment.dataset.train.images),
+        observed_labels=setup.observed_labels,
         client_indices=clients, annotated=setup.annotated[:layout.num_real_clients],
         mean=np.asarray(experiment.image_mean), std=np.asarray(experiment.image_std),
         augment=config.augment.to_dict(), batch_size=config.fl.batch_size,

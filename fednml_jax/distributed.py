@@ -73,6 +73,13 @@ def put_sharded_rows(shape, mesh, axis: str, rows):
   return jax.make_array_from_callback(tuple(shape), sharding, lambda index: rows(index[0]))
 
 
+def addressable_rows(num_rows: int, mesh, axis: str) -> np.ndarray:
+  """The rows of a leading axis of `num_rows` split over `axis` of `mesh` (as `put_sharded_rows`
+  splits it) that live on this process's devices, sorted."""
+  blocks = NamedSharding(mesh, PartitionSpec(axis)).addressable_devices_indices_map((num_rows,))
+  return np.unique(np.concatenate([np.arange(num_rows)[index[0]] for index in blocks.values()]))
+
+
 def put_replicated(tree, mesh):
   """Host or device arrays (identical on every process) copied onto every device of `mesh`."""
   sharding = NamedSharding(mesh, PartitionSpec())

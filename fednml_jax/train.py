@@ -227,20 +227,17 @@ class Experiment:
   def _place_images(self, shared: "Experiment | None", chunk: int):
     """The image statistics and the device copies of the images (`fl.image_layout`), reusing
     `shared`'s where they are the same. With the per-client layout a process reads only the
-    training images of its own clients (plus, on process 0 of a multi-host run, those of no
-    client, so that the statistics summed over processes cover the whole training split)."""
+    training images of its own clients (plus, on process 0, those of no client, so that the
+    statistics summed over processes cover the whole training split), once."""
     dataset, layout = self.dataset, self.layout
     images = dataset.train.images
-    multi_host = distributed.multi_process()
     self.per_client_images = resolve_image_layout(self.config.fl.image_layout) == "per_client"
     if self.per_client_images:  # the blocks follow this run's partition: never shared
       own = strategies.process_client_rows(self.strategy, len(layout.sample_index))
-      stat_rows = np.zeros(0, np.int64)
-      if multi_host:
-        stat_rows = np.unique(layout.sample_index[own][layout.valid[own]])
-        if distributed.is_primary():
-          unassigned = np.setdiff1d(np.arange(len(images)), layout.sample_index[layout.valid])
-          stat_rows = np.union1d(stat_rows, unassigned)
+      stat_rows = np.unique(layout.sample_index[own][layout.valid[own]])
+      if distributed.is_primary():
+        unassigned = np.setdiff1d(np.arange(len(images)), layout.sample_index[layout.valid])
+        stat_rows = np.union1d(stat_rows, unassigned)
       needed = np.union1d(layout.sample_index[own], stat_rows)
       local = images[needed]  # only these rows are read
       self.train_images = strategies.place_client_images(
@@ -258,7 +255,7 @@ class Experiment:
     self.image_index = np.ascontiguousarray(image_index)
     if shared is not None:
       self.image_mean, self.image_std = shared.image_mean, shared.image_std
-    elif self.per_client_images and multi_host:  # each process sums its rows
+    elif self.per_client_images:  # each process sums its rows (one process: all, in order)
       total, squares, count = channel_sums(local[np.searchsorted(needed, stat_rows)])
       sums = np.stack([total, squares, np.full_like(total, count)])
       self.image_mean, self.image_std = channel_stats(

@@ -151,9 +151,7 @@ def process_client_rows(strategy: str, num_clients: int) -> np.ndarray:
   those of its devices in the mesh; otherwise all of them."""
   if strategy != "shard":
     return np.arange(num_clients)
-  blocks = NamedSharding(client_mesh(), PartitionSpec("clients")).addressable_devices_indices_map(
-      (num_clients,))
-  return np.unique(np.concatenate([np.arange(num_clients)[index[0]] for index in blocks.values()]))
+  return distributed.addressable_rows(num_clients, client_mesh(), "clients")
 
 
 def place_replicated(strategy: str, tree):
