@@ -16,7 +16,8 @@ training split, keeping the classes the full split keeps.
 
 What is timed, for each method and implementation, after one untimed first round (its excess over
 a steady round is reported as `compile_seconds`: tracing and XLA compilation for JAX, CUDA/cuDNN
-warm-up for torch), as the mean of `--rounds` rounds:
+warm-up for torch), as the mean of `--rounds` rounds, the implementations' rounds alternating
+(JAX, torch, torch, JAX, ...) so that a drift in the machine's speed falls on both:
 - `fedavg`: a round of local training + aggregation, then evaluation on val and test;
 - `fednml`, `round_kind=phase2`: a plain phase-2 round (LA+KD loss with a teacher forward);
 - `fednml`, `round_kind=refinement`: the round `warmup_rounds`, whose label refinement (a pass of
@@ -44,7 +45,8 @@ comparison (it skips multiply-adds on padding). `mfu` = model FLOPs per round / 
 default precision, and bfloat16, on GPU) for the model's compute dtype; `train_mfu` uses the
 training part only.
 
-Prints a table and the torch/JAX time ratios; `--out` writes the rows as a JSON list. Timings are
+Prints a table and the torch/JAX time ratios (of the means, and the median and range of the
+ratios of rounds that ran next to each other); `--out` writes the rows as a JSON list. Timings are
 only meaningful on an otherwise idle machine.
 """
 
@@ -350,11 +352,20 @@ class TorchRunner:
     return out
 
 
-def time_rounds(runner, rnd: int, rounds: int) -> tuple[float, list[dict]]:
-  """Seconds of a first (compiling) round, then the parts of `rounds` timed rounds."""
-  first = runner.round(rnd)
-  timed = [runner.round(rnd) for _ in range(rounds)]
-  return sum(first[p] for p in PARTS), timed
+def time_interleaved(runners: dict, rnd: int, rounds: int) -> dict:
+  """{impl: (seconds of a first (compiling) round, parts of `rounds` timed rounds)}.
+
+  The implementations' timed rounds alternate (and so does which one goes first in each pair),
+  so that a change in the machine's speed during the measurement falls on all of them alike and
+  the per-pair time ratios can be compared.
+  """
+  impls = list(runners)
+  first = {impl: sum(runners[impl].round(rnd)[p] for p in PARTS) for impl in impls}
+  timed = {impl: [] for impl in impls}
+  for i in range(rounds):
+    for impl in (impls if i % 2 == 0 else impls[::-1]):
+      timed[impl].append(runners[impl].round(rnd))
+  return {impl: (first[impl], timed[impl]) for impl in impls}
 
 
 def round_kinds(method: str, config) -> list[tuple[str, int]]:
@@ -457,34 +468,35 @@ def run_preset(args) -> list[dict]:
         flops = model_flops(experiment.model, jax_runner.variables, experiment.dataset.image_shape,
                             config.fl.batch_size)
       kinds = round_kinds(method, config)
+      runners, extras = {}, {}
       for impl in args.impls:
         if impl == "jax":
-          runner, extra = jax_runner, {"strategy": experiment.strategy}
+          runners[impl], extras[impl] = jax_runner, {"strategy": experiment.strategy}
         else:
           import torch  # pylint: disable=import-outside-toplevel
-          runner = TorchRunner(experiment, method, args)
+          runners[impl] = runner = TorchRunner(experiment, method, args)
           fed = runner.federation
-          extra = {"torch_version": torch.__version__, "torch_device": str(fed.device),
-                   "torch_threads": torch.get_num_threads(),
-                   "torch_workers": args.torch_workers,
-                   "torch_device_name": (torch.cuda.get_device_name(fed.device)
-                                         if fed.device.type == "cuda" else _cpu_name())}
+          extras[impl] = {"torch_version": torch.__version__, "torch_device": str(fed.device),
+                          "torch_threads": torch.get_num_threads(),
+                          "torch_workers": args.torch_workers,
+                          "torch_device_name": (torch.cuda.get_device_name(fed.device)
+                                                if fed.device.type == "cuda" else _cpu_name())}
           if fed.optimizer_steps() != sum(config.fl.local_epochs
                                           * -(-int(n) // config.fl.batch_size)
                                           for n in experiment.layout.counts):
             raise RuntimeError("the torch baseline takes a different number of steps")
-        for kind, rnd in kinds:
-          print(f"[{args.preset}] {method} {kind} {impl}: first round + {args.rounds} timed ...",
-                flush=True)
-          first_total, timed = time_rounds(runner, rnd, args.rounds)
-          row_extra = dict(extra)
+      for kind, rnd in kinds:
+        print(f"[{args.preset}] {method} {kind} {'/'.join(runners)}: a first round each, then "
+              f"{args.rounds} timed each, alternating ...", flush=True)
+        for impl, (first_total, timed) in time_interleaved(runners, rnd, args.rounds).items():
+          row_extra = dict(extras[impl])
           if impl == "torch":  # time spent in the DataLoader (CPU augmentation), by part
             for key in ("data", "train_data", "refine_data"):
               row_extra[f"{key}_seconds"] = float(np.mean([r[key] for r in timed]))
           rows.append(make_row(preset=args.preset, method=method, kind=kind, impl=impl,
                                experiment=experiment, data=data, first_total=first_total,
                                timed=timed, flops=flops, rates=rates, extra=row_extra))
-        del runner
+      del runners
       del jax_runner, experiment
   return rows
 
@@ -492,6 +504,11 @@ def run_preset(args) -> list[dict]:
 # Output ----------------------------------------------------------------------------------------------
 def _fmt(value, spec):
   return format(value, spec) if value is not None else "n/a"
+
+
+def paired_ratios(torch_row: dict, jax_row: dict) -> list[float]:
+  """torch / JAX seconds of the i-th timed rounds, which ran next to each other."""
+  return [t / j for t, j in zip(torch_row["round_seconds"], jax_row["round_seconds"]) if j > 0]
 
 
 def format_tables(rows: list[dict]) -> str:
@@ -515,10 +532,13 @@ def format_tables(rows: list[dict]) -> str:
     ratio = lambda key: (torch_row[key] / jax_row[key]  # noqa: E731
                          if jax_row[key] > 0 else float("nan"))
     refine = (f"{ratio('refine_seconds'):9.2f}" if kind == "refinement" else f"{'':9s}")
+    paired = paired_ratios(torch_row, jax_row)
     ratios.append(f"{preset:7s}{method:8s}{kind:11s}{ratio('seconds_per_round'):9.2f}"
-                  f"{ratio('train_seconds'):9.2f}{refine}{ratio('eval_seconds'):9.2f}")
+                  f"{ratio('train_seconds'):9.2f}{refine}{ratio('eval_seconds'):9.2f}"
+                  f"   {np.median(paired):.2f} [{min(paired):.2f}, {max(paired):.2f}]")
   if ratios:
-    head = f"{'preset':7s}{'method':8s}{'round':11s}{'round':>9s}{'train':>9s}{'refine':>9s}{'eval':>9s}"
+    head = (f"{'preset':7s}{'method':8s}{'round':11s}{'round':>9s}{'train':>9s}{'refine':>9s}"
+            f"{'eval':>9s}   round, paired: median [min, max]")
     lines += ["", "torch seconds / JAX seconds (> 1: JAX is faster)", head, "-" * len(head), *ratios]
   return "\n".join(lines)
 
