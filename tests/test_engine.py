@@ -4,6 +4,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -244,6 +245,30 @@ def test_bilinear_sample_by_hand_and_as_map_coordinates():
                            for c in range(3)], axis=-1)
   np.testing.assert_array_equal(jax.jit(augment.bilinear_sample)(image, ys, xs),
                                 jax.jit(lambda: per_channel)())
+  # A uint8 image is sampled as its values (float32), likewise bit for bit.
+  raw = jnp.asarray(rng.integers(0, 256, (9, 7, 3)), jnp.uint8)
+  per_channel = jnp.stack([jax.scipy.ndimage.map_coordinates(
+      raw[..., c].astype(jnp.float32), [ys, xs], order=1, mode="constant", cval=0.0)
+      for c in range(3)], axis=-1)
+  sampled = jax.jit(augment.bilinear_sample)(raw, ys, xs)
+  assert sampled.dtype == jnp.float32
+  np.testing.assert_array_equal(sampled, jax.jit(lambda: per_channel)())
+
+
+def test_weak_view_samples_uint8_then_scales_as_scaling_first():
+  # weak_view augments the uint8 images and scales to [0, 1] afterwards (cheaper on CPU); that is
+  # the view of the [0, 1] images up to float rounding.
+  raw = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)), jnp.uint8)
+  cfg = ml_collections.ConfigDict({"rotation_degrees": 10.0, "translate": 0.02, "hflip": True})
+  mean, std = jnp.asarray([0.4, 0.5, 0.6]), jnp.asarray([0.2, 0.25, 0.3])
+  key = jax.random.PRNGKey(3)
+  view = augment.weak_view(key, raw, cfg, mean, std)
+  scaled_first = augment.weak_augment(key, raw.astype(jnp.float32) / 255.0, 10.0, 0.02, True)
+  np.testing.assert_allclose(view, (scaled_first - mean) / std, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(view, (raw / 255.0 - mean) / std)  # it did augment
+  cfg.update(rotation_degrees=0.0, translate=0.0, hflip=False)
+  np.testing.assert_allclose(augment.weak_view(key, raw, cfg, mean, std),
+                             (raw / 255.0 - mean) / std, rtol=1e-6, atol=1e-6)
 
 
 def test_bfloat16_compute_trains_end_to_end_with_float32_parameters(tmp_path):
