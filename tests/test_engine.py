@@ -228,6 +228,34 @@ def test_strong_view_is_random_per_image_and_stays_in_range():
   np.testing.assert_allclose(flipped, x[0][::-1], atol=1e-5)
 
 
+def test_affine_map_rotates_shifts_zooms_and_flips_about_the_centre():
+  # The source coordinates of each output pixel, written out: R^{-1}(p - c - t)/s + c, flipped.
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.random((12, 10, 3)), jnp.float32)
+  h, w = 12, 10
+  yy, xx = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
+                       indexing="ij")
+  for angle, shift, scale, hflip, vflip in ((7.0, (0.1, -0.05), 1.1, False, False),
+                                            (-12.0, (0.0, 0.2), 0.9, True, False),
+                                            (30.0, (-0.1, 0.0), 1.0, True, True)):
+    a = np.deg2rad(angle)
+    dy = (yy - (h - 1) / 2 - shift[0] * h) / scale
+    dx = (xx - (w - 1) / 2 - shift[1] * w) / scale
+    src_y = np.cos(a) * dy - np.sin(a) * dx + (h - 1) / 2
+    src_x = np.sin(a) * dy + np.cos(a) * dx + (w - 1) / 2
+    src_x = (w - 1) - src_x if hflip else src_x
+    src_y = (h - 1) - src_y if vflip else src_y
+    expected = augment.bilinear_sample(image, jnp.asarray(src_y, jnp.float32),
+                                       jnp.asarray(src_x, jnp.float32))
+    got = augment._affine_one(image, angle, jnp.asarray(shift), scale, hflip, vflip)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+  # A quarter turn about the centre of a square image, by hand: output (y, x) reads source
+  # (c - (x - c), c + (y - c)) = (3 - x, y) for c = 1.5.
+  square = jnp.arange(16.0).reshape(4, 4, 1)
+  turned = augment._affine_one(square, 90.0, jnp.zeros(2), 1.0, False, False)[..., 0]
+  np.testing.assert_allclose(turned, square[..., 0].T[:, ::-1], atol=1e-4)
+
+
 def test_bilinear_sample_by_hand_and_as_map_coordinates():
   # A 2x2 image with channels (v, 10v): the centre is the mean; half a pixel outside the right
   # edge keeps half of the edge pixels (zero fill); an integer coordinate is that pixel.

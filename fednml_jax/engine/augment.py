@@ -26,17 +26,22 @@ def _affine_one(image, angle_deg, shift_frac, scale, hflip, vflip):
   h, w, _ = image.shape
   angle = jnp.deg2rad(angle_deg)
   shift = shift_frac * jnp.array([h, w], jnp.float32)
+  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+  # Output pixel p = (y, x) reads the source at R^{-1}(p - c - t)/s + c (then flipped): an affine
+  # map of (y, x, 1), applied to all pixels as one matrix product, so that the coordinates are
+  # materialised once (XLA:CPU otherwise recomputes the angle's cosine and sine for every element
+  # of every operation that reads them).
+  cos, sin = jnp.cos(angle) / scale, jnp.sin(angle) / scale
+  oy, ox = cy + shift[0], cx + shift[1]
+  rows = jnp.stack([jnp.stack([cos, -sin, cy - cos * oy + sin * ox]),
+                    jnp.stack([sin, cos, cx - sin * oy - cos * ox])])
+  flipped = jnp.array([[0.0, 0.0, h - 1.0], [0.0, 0.0, w - 1.0]]) - rows
+  rows = jnp.where(jnp.stack([vflip, hflip])[:, None], flipped, rows)
   yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
                         indexing="ij")
-  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-  # Output pixel p reads the source at R^{-1}(p - c - t)/s + c.
-  dy, dx = (yy - cy - shift[0]) / scale, (xx - cx - shift[1]) / scale
-  cos, sin = jnp.cos(angle), jnp.sin(angle)
-  src_y = cos * dy - sin * dx + cy
-  src_x = sin * dy + cos * dx + cx
-  src_x = jnp.where(hflip, (w - 1) - src_x, src_x)
-  src_y = jnp.where(vflip, (h - 1) - src_y, src_y)
-  return bilinear_sample(image, src_y, src_x)
+  pixels = jnp.stack([yy.ravel(), xx.ravel(), jnp.ones(h * w, jnp.float32)])
+  src = jnp.dot(rows, pixels, precision=jax.lax.Precision.HIGHEST).reshape(2, h, w)
+  return bilinear_sample(image, src[0], src[1])
 
 
 def bilinear_sample(image, src_y, src_x):
