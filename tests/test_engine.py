@@ -292,7 +292,7 @@ def test_weak_view_samples_uint8_then_scales_as_scaling_first():
   key = jax.random.PRNGKey(3)
   view = augment.weak_view(key, raw, cfg, mean, std)
   scaled_first = augment.weak_augment(key, raw.astype(jnp.float32) / 255.0, 10.0, 0.02, True)
-  np.testing.assert_allclose(view, (scaled_first - mean) / std, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(view, (scaled_first - mean) / std, atol=1e-4)
   assert not np.allclose(view, (raw / 255.0 - mean) / std)  # it did augment
   cfg.update(rotation_degrees=0.0, translate=0.0, hflip=False)
   np.testing.assert_allclose(augment.weak_view(key, raw, cfg, mean, std),
