@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 
+from fednml_jax import train
 from fednml_jax.data import drop_rare_classes, load_dataset
 from fednml_jax.data.embedded import load_digit_mosaics
 from fednml_jax.data.npz import load_npz
+from fednml_jax.data.types import RowReader
 from fednml_jax.errors import DataError
 
 from conftest import shared_file, tiny_config
@@ -46,6 +48,51 @@ def test_npz_grey_images_and_carved_validation(tmp_path):
   ds = load_npz(path, val_fraction=0.2)
   assert ds.train.images.shape == (16, 8, 8, 1) and len(ds.val) == 4 and len(ds.test) == 5
   assert ds.class_names == ("class_0", "class_1", "class_2")
+
+
+@pytest.mark.parametrize("channels", [None, 3])
+def test_uncompressed_npz_images_are_read_on_demand(tmp_path, channels):
+  rng = np.random.default_rng(1)
+  shape = (8, 8) if channels is None else (8, 8, channels)
+  arrays = {f"{split}_{kind}": (rng.integers(0, 256, (n,) + shape, np.uint8) if kind == "images"
+                                else rng.integers(0, 2, (n, 3)))
+            for split, n in (("train", 30), ("val", 6), ("test", 5))
+            for kind in ("images", "labels")}
+  np.savez(tmp_path / "stored.npz", **arrays)
+  np.savez_compressed(tmp_path / "packed.npz", **arrays)
+  stored, packed = load_npz(str(tmp_path / "stored.npz")), load_npz(str(tmp_path / "packed.npz"))
+  assert isinstance(stored.train.images, RowReader) and isinstance(packed.train.images, np.ndarray)
+  for name in ("train", "val", "test"):
+    a, b = getattr(stored, name), getattr(packed, name)
+    assert a.images.shape == b.images.shape == (len(b),) + (8, 8, channels or 1)
+    np.testing.assert_array_equal(np.asarray(a.images), b.images)
+    np.testing.assert_array_equal(a.labels, b.labels)
+  images = load_npz(str(tmp_path / "stored.npz")).train.images
+  np.testing.assert_array_equal(images[np.array([7, 2, 7])], packed.train.images[[7, 2, 7]])
+  assert images.rows_read == 2  # rows 2 and 7, once each
+
+
+def test_per_client_layout_on_an_uncompressed_npz_matches_the_compressed_file(tmp_path):
+  # Per-client image layout on a stored .npz: the images placed and the statistics are those of
+  # the compressed file (read whole), and each training image is read once. (That a process reads
+  # only its own clients' rows is tested across two processes, on a CSV source whose images are
+  # also a RowReader, in test_distributed.py.)
+  rng = np.random.default_rng(2)
+  arrays = {f"{split}_{kind}": (rng.integers(0, 256, (n, 16, 16, 3), np.uint8) if kind == "images"
+                                else rng.integers(0, 2, (n, 4)))
+            for split, n in (("train", 40), ("val", 8), ("test", 8))
+            for kind in ("images", "labels")}
+  np.savez(tmp_path / "stored.npz", **arrays)
+  np.savez_compressed(tmp_path / "packed.npz", **arrays)
+  experiments = [train.Experiment(tiny_config(**{
+      "data.source": "npz", "data.path": str(tmp_path / name), "data.min_positives": 0,
+      "labels.annotation_num": 3, "fl.image_layout": "per_client"}))
+      for name in ("stored.npz", "packed.npz")]
+  stored, packed = experiments
+  np.testing.assert_array_equal(np.asarray(stored.train_images), np.asarray(packed.train_images))
+  np.testing.assert_array_equal(stored.image_mean, packed.image_mean)
+  np.testing.assert_array_equal(stored.image_std, packed.image_std)
+  assert stored.dataset.train.images.rows_read == len(stored.dataset.train)
 
 
 @pytest.mark.parametrize("arrays, phrase", [

@@ -4,18 +4,59 @@ Images are grey (N, H, W) or colour (N, H, W, 3) uint8; labels are (N, C) multi-
 `label_names` (C,) and per-split ids (`<split>_ids` or `<split>_image_index`). This reads MedMNIST
 files and the shared 64-px RFMiD and NIH ChestX-ray14 files. A file without `val_*` gets a
 validation split carved from its training split.
+
+Images stored uncompressed (`np.savez`) are read on demand: a split's images are then a
+`RowReader` over a memory map of the archive member, so a process of a multi-host run reads only
+its own clients' training images. Compressed members (`np.savez_compressed`, as MedMNIST ships its
+files) can only be decompressed whole, so every process reads all of them; for a multi-host run
+on a large file, write it once with `np.savez`.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import zipfile
 
 import numpy as np
 
 from fednml_jax.data.splits import carve_validation
-from fednml_jax.data.types import Dataset, Split, as_image_array, as_label_array
+from fednml_jax.data.types import Dataset, RowReader, Split, as_image_array, as_label_array
 from fednml_jax.errors import DataError
+
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip member's local file header
+
+
+def stored_images(path: str, key: str) -> RowReader | None:
+  """The images of the member `key` of the `.npz` at `path` as a `RowReader` over a memory map,
+  when the member is stored uncompressed and holds uint8 (N, H, W) or (N, H, W, C) images in C
+  order; otherwise None (read it whole)."""
+  with zipfile.ZipFile(path) as archive:
+    try:
+      info = archive.getinfo(key + ".npy")
+    except KeyError:
+      return None
+    if info.compress_type != zipfile.ZIP_STORED:
+      return None
+    with archive.open(info) as member:
+      version = np.lib.format.read_magic(member)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, fortran_order, dtype = read_header(member)
+      header_size = member.tell()
+  if fortran_order or dtype != np.uint8 or len(shape) not in (3, 4) or shape[0] == 0:
+    return None
+  try:
+    with open(path, "rb") as f:  # the member's data follow its local header
+      f.seek(info.header_offset)
+      local = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+    start = info.header_offset + _LOCAL_HEADER.size + local[-2] + local[-1] + header_size
+    pixels = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=shape)
+  except (OSError, ValueError, struct.error):  # a damaged file: reading it whole reports how
+    return None
+  image_shape = tuple(shape[1:]) if len(shape) == 4 else tuple(shape[1:]) + (1,)
+  return RowReader(lambda rows: np.asarray(pixels[rows]).reshape((len(rows),) + image_shape),
+                   image_shape, np.arange(shape[0]))
 
 
 def _read_split(archive, path, split):
@@ -26,7 +67,9 @@ def _read_split(archive, path, split):
         f"{path} lacks the array(s) {missing}. A MedMNIST-layout .npz needs `train_images`, "
         "`train_labels`, `test_images` and `test_labels` (and optionally `val_*` and `label_names`).")
   where = f"{path} [{split}]"
-  images = as_image_array(archive[keys[0]], where)
+  images = stored_images(path, keys[0])
+  if images is None or images.shape[-1] not in (1, 3):
+    images = as_image_array(archive[keys[0]], where)  # checks and reports what is wrong
   labels = as_label_array(archive[keys[1]], len(images), where)
   if len(images) == 0:
     raise DataError(f"{where}: the {split} split is empty; every split needs at least one image.")
