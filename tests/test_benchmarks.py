@@ -75,3 +75,17 @@ def test_full_run_tiny_writes_a_row(tmp_path):
   row = json.loads(out.read_text())
   assert row["rounds"] == 2 and row["seconds"] > 0 and row["method"] == "fedavg"
   assert 0.0 <= row["test_final_mAP"] <= 1.0
+
+
+def test_profile_round_lists_the_round_s_operations_with_their_sources():
+  # A fresh process: the tool sets XLA's dump flags before JAX starts.
+  import subprocess  # pylint: disable=import-outside-toplevel
+  result = subprocess.run(
+      [sys.executable, str(REPO / "benchmarks" / "profile_round.py"), "--preset=cpu", "--synthetic",
+       "--clients=2", "--train_per_client=16", "--local_epochs=2", "--image_size=16", "--top=40"],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith("fedavg round 1 on synthetic") and "thread-s" in lines[0]
+  table = "\n".join(lines[2:])
+  assert "conv_general_dilated" in table and "SmallCNN" in table  # mapped to their JAX source
