@@ -38,7 +38,8 @@ from fednml_jax.engine.clients import ClientLayout
 from fednml_jax.errors import ConfigError, UserError
 from fednml_jax.methods import METHODS, FederatedSetup, RoundContext
 from fednml_jax.metrics import HEADLINE
-from fednml_jax.models import build_model, init_variables, load_pretrained
+from fednml_jax.models import (build_model, cpu_slow_path_warning, init_variables,
+                               load_pretrained)
 from fednml_jax.tasks import get_task
 
 # Independent random streams derived from the run seed (numpy streams for the simulation are
@@ -204,6 +205,9 @@ class Experiment:
     self.model = build_model({"name": config.model.name, "norm": config.model.norm,
                               "num_outputs": self.task.num_outputs(dataset.num_classes),
                               "width": config.model.width, "dtype": config.model.dtype})
+    slow = cpu_slow_path_warning(config.model.name, dataset.image_shape[0])
+    if slow and jax.default_backend() == "cpu":
+      logging.warning(slow)
     self.run_key = jax.random.PRNGKey(config.seed)
     self.method = METHODS[config.method](config, self.setup)
     self.optimizer = optax.adamw(config.optim.lr, weight_decay=config.optim.weight_decay)

@@ -270,3 +270,12 @@ def test_max_pool_2x2_matches_flax_max_pool_and_its_gradient():
   assert float(max_pool_2x2(x).squeeze()) == 4.0
   np.testing.assert_array_equal(
       jax.grad(lambda a: max_pool_2x2(a).sum())(x).reshape(2, 2), [[0.0, 1.0], [0.0, 0.0]])
+
+
+def test_cpu_slow_path_warning_names_resnets_with_2x2_last_stage_maps():
+  from fednml_jax.models import cpu_slow_path_warning
+  # ResNets halve the size five times: 33-64 px leave 2x2 maps in the last stage.
+  assert "64 px" in cpu_slow_path_warning("resnet18", 64)
+  assert cpu_slow_path_warning("resnet50", 40) is not None
+  for name, size in (("resnet18", 32), ("resnet18", 96), ("resnet18", 256), ("small_cnn", 64)):
+    assert cpu_slow_path_warning(name, size) is None

@@ -37,9 +37,9 @@ DEFAULT_WIDTH = 32
 
 __all__ = [
     "BasicBlock", "Bottleneck", "DTYPES", "LoadReport", "MODEL_NAMES", "NORMS", "ResNet",
-    "ResNet18", "ResNet50", "SmallCNN", "build_model", "count_params", "flatten_variables",
-    "group_count", "init_variables", "load_pretrained", "merge_pretrained", "read_weights_file",
-    "save_variables", "small_cnn_widths",
+    "ResNet18", "ResNet50", "SmallCNN", "build_model", "count_params", "cpu_slow_path_warning",
+    "flatten_variables", "group_count", "init_variables", "load_pretrained", "merge_pretrained",
+    "read_weights_file", "save_variables", "small_cnn_widths",
 ]
 
 
@@ -101,6 +101,20 @@ def build_model(cfg: Any) -> nn.Module:
   zero_init_residual = bool(_get(cfg, "zero_init_residual", False))
   builder = ResNet18 if name == "resnet18" else ResNet50
   return builder(num_outputs, norm=norm, zero_init_residual=zero_init_residual, dtype=dtype)
+
+
+def cpu_slow_path_warning(name: str, image_size: int) -> str | None:
+  """Why model `name` at `image_size` px would run very slowly on XLA:CPU, or None.
+
+  A ResNet's last stage works on (image_size / 32)-wide feature maps; where those are 2×2, XLA:CPU
+  runs their 3×3 convolutions through an operand-swapped convolution with no fast kernel (about
+  100× slower than on 3×3 or 4×4 maps; docs/performance.md)."""
+  if name.lower().startswith("resnet") and -(-int(image_size) // 32) == 2:
+    return (f"{name} at {image_size} px leaves 2x2 feature maps in its last stage, whose 3x3 "
+            "convolutions XLA:CPU runs about 100x slower than at 96 px or more (measured: a "
+            "round 12x slower than PyTorch's at 64 px). On CPU use images of 96 px or more, or "
+            "model.name=small_cnn; GPUs are not affected.")
+  return None
 
 
 def init_variables(model: nn.Module, rng: Any, image_shape: Sequence[int]) -> dict[str, Any]:
