@@ -9,9 +9,13 @@
 #     --implementation cp --platform manylinux2014_x86_64 -d .whl ml-collections==1.1.0
 #   mkdir -p .data && cp ../shared/data/rfmid_dev_64px.npz .data/
 # On the device (run's command; carry [".whl", ".data"]):
-#   bash benchmarks/gpu_suite.sh bench   # round time vs torch (paper + small), run batching, clients
+#   bash benchmarks/gpu_suite.sh paper   # round time vs torch at the paper configuration
+#   bash benchmarks/gpu_suite.sh small   # round time vs torch, small CNN; run batching 1 -> 32
+#   bash benchmarks/gpu_suite.sh scaling # clients 4 -> 256
 #   bash benchmarks/gpu_suite.sh long    # a whole 100-round FedNML run at the paper configuration
 #   bash benchmarks/gpu_suite.sh sweep   # the 81-run RFMiD grid of configs/sweeps/rfmid_cpu.py
+# One step per call (each should take well under the 10-minute limit; the machine stays warm for
+# a few seconds between calls, so make them back to back). `paper`, then `long`, matter most.
 # Results land in $OUT (the tool brings them back); docs/performance.md says what each reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,14 +26,18 @@ OUT="${OUT:-/tmp/gpu_suite_out}"
 mkdir -p "$OUT"
 
 case "${1:-}" in
-  bench)
+  paper)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     python3 benchmarks/round_time.py --preset=paper --rounds=3 \
       --out="$OUT/round_time_paper.json" 2>&1 | tee "$OUT/round_time_paper.log"
+    ;;
+  small)
     python3 benchmarks/round_time.py --preset=cpu --synthetic --rounds=3 \
       --out="$OUT/round_time_small.json" 2>&1 | tee "$OUT/round_time_small.log"
     python3 benchmarks/run_batching.py --preset=cpu --synthetic --runs=1,2,4,8,16,32 \
       --rounds=3 --out="$OUT/run_batching_small.json" 2>&1 | tee "$OUT/run_batching.log"
+    ;;
+  scaling)
     python3 benchmarks/scaling.py --clients=4,8,16,32,64,128,256 --per_client=32 \
       --out="$OUT/scaling.json" 2>&1 | tee "$OUT/scaling.log"
     ;;
@@ -46,7 +54,7 @@ case "${1:-}" in
       runs/sweep_rfmid_gpu
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_suite.sh bench|long|sweep" >&2
+    echo "usage: bash benchmarks/gpu_suite.sh paper|small|scaling|long|sweep" >&2
     exit 2
     ;;
 esac
