@@ -10,7 +10,8 @@ ResNet-18 at 256 px on random images). The run is `fednml_jax.train.train_and_ev
 temporary workdir, as `run.py` runs it: compilation, every round, evaluation every
 `eval.every` rounds, checkpoints and the summary, with JAX's persistent compilation cache off (a
 cold start). Row: {preset, method, rounds, seconds, seconds_per_round, compiled_programs, backend,
-device, data, test_final_mAP}.
+device, data, model, model_dtype, test_final_mAP}; `--model_dtype=bfloat16` runs it in mixed
+precision.
 """
 
 import argparse
@@ -45,6 +46,7 @@ def run(args) -> dict:
          "seconds": round(seconds, 2), "seconds_per_round": round(seconds / args.rounds, 4),
          "compiled_programs": summary["compiled_programs"], "backend": jax.default_backend(),
          "device": str(jax.devices()[0].device_kind), "data": data,
+         "model": config.model.name, "model_dtype": config.model.dtype,
          "test_final_mAP": summary["test_final"]["mAP"]}
   print(f"[{args.preset}] {args.method}: {args.rounds} rounds in {seconds:.1f} s "
         f"({seconds / args.rounds:.3f} s/round, all included) on {row['device']}", flush=True)

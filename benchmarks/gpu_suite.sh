@@ -12,7 +12,7 @@
 #   bash benchmarks/gpu_suite.sh paper   # round time vs torch at the paper configuration
 #   bash benchmarks/gpu_suite.sh small   # round time vs torch, small CNN; run batching 1 -> 32
 #   bash benchmarks/gpu_suite.sh scaling # clients 4 -> 256
-#   bash benchmarks/gpu_suite.sh long    # a whole 100-round FedNML run at the paper configuration
+#   bash benchmarks/gpu_suite.sh long [bfloat16]  # a whole 100-round FedNML run, paper configuration
 #   bash benchmarks/gpu_suite.sh sweep   # the 81-run RFMiD grid of configs/sweeps/rfmid_cpu.py
 # One step per call (each should take well under the 10-minute limit; the machine stays warm for
 # a few seconds between calls, so make them back to back). `paper`, then `long`, matter most.
@@ -41,9 +41,11 @@ case "${1:-}" in
     python3 benchmarks/scaling.py --clients=4,8,16,32,64,128,256 --per_client=32 \
       --out="$OUT/scaling.json" 2>&1 | tee "$OUT/scaling.log"
     ;;
-  long)
+  long)  # optional second argument: the JAX model's dtype (float32, or bfloat16 for mixed precision)
+    dtype="${2:-float32}"
     python3 benchmarks/full_run.py --preset=paper --method=fednml --rounds=100 \
-      --out="$OUT/full_run_paper.json" 2>&1 | tee "$OUT/full_run_paper.log"
+      --model_dtype="$dtype" --out="$OUT/full_run_paper_$dtype.json" 2>&1 \
+      | tee "$OUT/full_run_paper_$dtype.log"
     ;;
   sweep)
     # Resumable: rerun the step while the machine is warm (its checkout keeps runs/).

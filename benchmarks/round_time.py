@@ -2,7 +2,7 @@ r"""Seconds per federated round, JAX engine vs. a PyTorch round written as the r
 
   python benchmarks/round_time.py --preset=cpu|paper --out=FILE.json [--rounds=3]
       [--methods=fedavg,fednml] [--impls=jax,torch] [--clients=K] [--train_per_client=N]
-      [--image_size=S] [--local_epochs=E] [--synthetic]
+      [--image_size=S] [--local_epochs=E] [--model_dtype=bfloat16] [--synthetic]
 
 Presets (torch is the optional `bench` extra: `pip install -e .[bench]`):
 - `cpu`: configs/rfmid64.py: SmallCNN width 16 at 64 px, 4 clients, 3 local epochs, batch 32, on the
@@ -144,6 +144,8 @@ def preset_config(args, tmpdir):
     config.fl.batch_size = args.batch_size
   if args.strategy:
     config.fl.strategy = args.strategy
+  if args.model_dtype:
+    config.model.dtype = args.model_dtype
   clients = config.fl.num_clients
   synthetic = args.synthetic or args.preset == "paper"
   if not synthetic and args.image_size and args.image_size != default_size:
@@ -549,6 +551,9 @@ def add_preset_size_args(parser) -> None:
     parser.add_argument(f"--{flag}", type=int)
   parser.add_argument("--strategy", choices=("auto", "vmap", "shard", "loop"),
                       help="fl.strategy of the JAX engine (default: the preset's, auto)")
+  parser.add_argument("--model_dtype", choices=("float32", "bfloat16"),
+                      help="model.dtype of the JAX engine (default: the preset's, float32); "
+                           "the torch round stays float32")
   parser.add_argument("--synthetic", action="store_true",
                       help="cpu preset: random images instead of the shared RFMiD file")
 

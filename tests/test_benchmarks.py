@@ -71,9 +71,11 @@ def test_full_run_tiny_writes_a_row(tmp_path):
   full_run = _benchmark("full_run")
   out = tmp_path / "row.json"
   full_run.main(["--preset=cpu", "--synthetic", "--method=fedavg", "--rounds=2", "--clients=2",
-                 "--train_per_client=16", "--local_epochs=1", f"--out={out}"])
+                 "--train_per_client=16", "--local_epochs=1", "--model_dtype=bfloat16",
+                 f"--out={out}"])
   row = json.loads(out.read_text())
   assert row["rounds"] == 2 and row["seconds"] > 0 and row["method"] == "fedavg"
+  assert row["model_dtype"] == "bfloat16"  # mixed precision, as the flag asked
   assert 0.0 <= row["test_final_mAP"] <= 1.0
 
 
