@@ -89,13 +89,12 @@ def main(argv=None):
   dump_dir, trace_dir = os.path.join(work, "hlo"), os.path.join(work, "trace")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}"
                              " --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=NONE").strip()
-  os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"  # compile here, so that the HLO is dumped
   import jax  # pylint: disable=import-outside-toplevel
   import round_time  # pylint: disable=import-outside-toplevel
   if jax.default_backend() != "cpu":
     raise SystemExit(f"profile_round.py reads XLA:CPU's per-operation events; this is "
                      f"{jax.default_backend()} (use nsys or XProf there).")
-  jax.config.update("jax_enable_compilation_cache", False)
+  jax.config.update("jax_enable_compilation_cache", False)  # compile here, so the HLO is dumped
   with tempfile.TemporaryDirectory(prefix="fednml_bench_") as tmpdir:
     config, data = round_time.preset_config(args, tmpdir)
     config.method = args.method

@@ -77,6 +77,7 @@ import numpy as np  # noqa: E402
 
 from fednml_jax import config as config_lib  # noqa: E402
 from fednml_jax import train  # noqa: E402
+from fednml_jax.engine import local_training  # noqa: E402
 from fednml_jax.models import small_cnn_widths  # noqa: E402
 
 PRESETS = ("cpu", "paper")
@@ -370,6 +371,12 @@ def time_interleaved(runners: dict, rnd: int, rounds: int) -> dict:
   return {impl: (first[impl], timed[impl]) for impl in impls}
 
 
+def optimizer_steps(config, client_sizes) -> int:
+  """Optimizer steps of one round: local epochs × ceil(size / batch) for every client."""
+  return sum(config.fl.local_epochs * local_training.steps_per_epoch(int(n), config.fl.batch_size)
+             for n in client_sizes)
+
+
 def round_kinds(method: str, config) -> list[tuple[str, int]]:
   """(round_kind, round number) to time for `method`, in order."""
   if method == "fedavg":
@@ -403,7 +410,7 @@ def make_row(*, preset, method, kind, impl, experiment, data, first_total, timed
   peak_dtype = "bfloat16" if config.model.dtype == "bfloat16" else "float32"
   peak = rates["matmul_flops_per_second"].get(peak_dtype)
   total_flops = sum(work.values())
-  steps = sum(config.fl.local_epochs * -(-int(n) // config.fl.batch_size) for n in counts)
+  steps = optimizer_steps(config, counts)
   row = {
       "preset": preset, "method": method, "round_kind": kind, "impl": impl,
       "seconds_per_round": per_round,
@@ -483,9 +490,7 @@ def run_preset(args) -> list[dict]:
                           "torch_workers": args.torch_workers,
                           "torch_device_name": (torch.cuda.get_device_name(fed.device)
                                                 if fed.device.type == "cuda" else _cpu_name())}
-          if fed.optimizer_steps() != sum(config.fl.local_epochs
-                                          * -(-int(n) // config.fl.batch_size)
-                                          for n in experiment.layout.counts):
+          if fed.optimizer_steps() != optimizer_steps(config, experiment.layout.counts):
             raise RuntimeError("the torch baseline takes a different number of steps")
       for kind, rnd in kinds:
         print(f"[{args.preset}] {method} {kind} {'/'.join(runners)}: a first round each, then "

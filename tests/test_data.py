@@ -50,24 +50,31 @@ def test_npz_grey_images_and_carved_validation(tmp_path):
   assert ds.class_names == ("class_0", "class_1", "class_2")
 
 
+def _write_stored_and_packed(folder, image_shape, num_classes, sizes, seed):
+  """The same random train/val/test arrays written uncompressed (np.savez) and compressed; their
+  paths, in that order."""
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  for split, n in zip(("train", "val", "test"), sizes):
+    arrays[f"{split}_images"] = rng.integers(0, 256, (n,) + tuple(image_shape), np.uint8)
+    arrays[f"{split}_labels"] = rng.integers(0, 2, (n, num_classes))
+  np.savez(folder / "stored.npz", **arrays)
+  np.savez_compressed(folder / "packed.npz", **arrays)
+  return str(folder / "stored.npz"), str(folder / "packed.npz")
+
+
 @pytest.mark.parametrize("channels", [None, 3])
 def test_uncompressed_npz_images_are_read_on_demand(tmp_path, channels):
-  rng = np.random.default_rng(1)
   shape = (8, 8) if channels is None else (8, 8, channels)
-  arrays = {f"{split}_{kind}": (rng.integers(0, 256, (n,) + shape, np.uint8) if kind == "images"
-                                else rng.integers(0, 2, (n, 3)))
-            for split, n in (("train", 30), ("val", 6), ("test", 5))
-            for kind in ("images", "labels")}
-  np.savez(tmp_path / "stored.npz", **arrays)
-  np.savez_compressed(tmp_path / "packed.npz", **arrays)
-  stored, packed = load_npz(str(tmp_path / "stored.npz")), load_npz(str(tmp_path / "packed.npz"))
+  paths = _write_stored_and_packed(tmp_path, shape, 3, (30, 6, 5), seed=1)
+  stored, packed = (load_npz(path) for path in paths)
   assert isinstance(stored.train.images, RowReader) and isinstance(packed.train.images, np.ndarray)
   for name in ("train", "val", "test"):
     a, b = getattr(stored, name), getattr(packed, name)
     assert a.images.shape == b.images.shape == (len(b),) + (8, 8, channels or 1)
     np.testing.assert_array_equal(np.asarray(a.images), b.images)
     np.testing.assert_array_equal(a.labels, b.labels)
-  images = load_npz(str(tmp_path / "stored.npz")).train.images
+  images = load_npz(paths[0]).train.images
   np.testing.assert_array_equal(images[np.array([7, 2, 7])], packed.train.images[[7, 2, 7]])
   assert images.rows_read == 2  # rows 2 and 7, once each
 
@@ -77,17 +84,11 @@ def test_per_client_layout_on_an_uncompressed_npz_matches_the_compressed_file(tm
   # the compressed file (read whole), and each training image is read once. (That a process reads
   # only its own clients' rows is tested across two processes, on a CSV source whose images are
   # also a RowReader, in test_distributed.py.)
-  rng = np.random.default_rng(2)
-  arrays = {f"{split}_{kind}": (rng.integers(0, 256, (n, 16, 16, 3), np.uint8) if kind == "images"
-                                else rng.integers(0, 2, (n, 4)))
-            for split, n in (("train", 40), ("val", 8), ("test", 8))
-            for kind in ("images", "labels")}
-  np.savez(tmp_path / "stored.npz", **arrays)
-  np.savez_compressed(tmp_path / "packed.npz", **arrays)
+  paths = _write_stored_and_packed(tmp_path, (16, 16, 3), 4, (40, 8, 8), seed=2)
   experiments = [train.Experiment(tiny_config(**{
-      "data.source": "npz", "data.path": str(tmp_path / name), "data.min_positives": 0,
+      "data.source": "npz", "data.path": path, "data.min_positives": 0,
       "labels.annotation_num": 3, "fl.image_layout": "per_client"}))
-      for name in ("stored.npz", "packed.npz")]
+      for path in paths]
   stored, packed = experiments
   np.testing.assert_array_equal(np.asarray(stored.train_images), np.asarray(packed.train_images))
   np.testing.assert_array_equal(stored.image_mean, packed.image_mean)

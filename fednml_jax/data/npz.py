@@ -27,24 +27,24 @@ from fednml_jax.errors import DataError
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip member's local file header
 
 
-def stored_images(path: str, key: str) -> RowReader | None:
-  """The images of the member `key` of the `.npz` at `path` as a `RowReader` over a memory map,
-  when the member is stored uncompressed and holds uint8 (N, H, W) or (N, H, W, C) images in C
-  order; otherwise None (read it whole)."""
-  with zipfile.ZipFile(path) as archive:
-    try:
-      info = archive.getinfo(key + ".npy")
-    except KeyError:
-      return None
-    if info.compress_type != zipfile.ZIP_STORED:
-      return None
-    with archive.open(info) as member:
-      version = np.lib.format.read_magic(member)
-      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                     else np.lib.format.read_array_header_2_0)
-      shape, fortran_order, dtype = read_header(member)
-      header_size = member.tell()
-  if fortran_order or dtype != np.uint8 or len(shape) not in (3, 4) or shape[0] == 0:
+def stored_images(path: str, archive: zipfile.ZipFile, key: str) -> RowReader | None:
+  """The images of the member `key` of the `.npz` at `path` (open as `archive`) as a `RowReader`
+  over a memory map, when the member is stored uncompressed and holds uint8 (N, H, W) or
+  (N, H, W, 1 or 3) images in C order; otherwise None (read it whole)."""
+  try:
+    info = archive.getinfo(key + ".npy")
+  except KeyError:
+    return None
+  if info.compress_type != zipfile.ZIP_STORED:
+    return None
+  with archive.open(info) as member:
+    version = np.lib.format.read_magic(member)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran_order, dtype = read_header(member)
+    header_size = member.tell()
+  if (fortran_order or dtype != np.uint8 or len(shape) not in (3, 4) or shape[0] == 0
+      or (len(shape) == 4 and shape[-1] not in (1, 3))):
     return None
   try:
     with open(path, "rb") as f:  # the member's data follow its local header
@@ -67,8 +67,8 @@ def _read_split(archive, path, split):
         f"{path} lacks the array(s) {missing}. A MedMNIST-layout .npz needs `train_images`, "
         "`train_labels`, `test_images` and `test_labels` (and optionally `val_*` and `label_names`).")
   where = f"{path} [{split}]"
-  images = stored_images(path, keys[0])
-  if images is None or images.shape[-1] not in (1, 3):
+  images = stored_images(path, archive.zip, keys[0])
+  if images is None:
     images = as_image_array(archive[keys[0]], where)  # checks and reports what is wrong
   labels = as_label_array(archive[keys[1]], len(images), where)
   if len(images) == 0:

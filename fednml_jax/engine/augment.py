@@ -39,8 +39,8 @@ def _affine_one(image, angle_deg, shift_frac, scale, hflip, vflip):
   rows = jnp.where(jnp.stack([vflip, hflip])[:, None], flipped, rows)
   yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
                         indexing="ij")
-  pixels = jnp.stack([yy.ravel(), xx.ravel(), jnp.ones(h * w, jnp.float32)])
-  src = jnp.dot(rows, pixels, precision=jax.lax.Precision.HIGHEST).reshape(2, h, w)
+  grid = jnp.stack([yy.ravel(), xx.ravel(), jnp.ones(h * w, jnp.float32)])
+  src = jnp.dot(rows, grid, precision=jax.lax.Precision.HIGHEST).reshape(2, h, w)
   return bilinear_sample(image, src[0], src[1])
 
 
