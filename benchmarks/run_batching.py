@@ -7,8 +7,8 @@ r"""Does batching independent runs into one program pay? Round time of R runs, s
 The presets and size flags are those of `benchmarks/round_time.py`. R runs = seeds 0 … R−1 of the
 preset's config (what a sweep's cells of one method look like).
 - `separate`: one run's round (local training + aggregation, no evaluation) under the default
-  strategy (`fl.strategy=auto`: `loop` on CPU, `vmap`/`shard` on accelerators), timed on seed 0;
-  R runs one after another cost R times that.
+  strategy (`fl.strategy=auto`: `loop` on one device, `shard` over several accelerators), timed
+  on seed 0; R runs one after another cost R times that.
 - `batched`: `fednml_jax.train.RunBatch` over the R runs, every round one program with a leading
   run axis (`--batched_strategy`, default `vmap` on one device, `shard` on several), timed as a
   whole.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fednml_jax import aggregation, train
-from fednml_jax.engine import augment, local_training
+from fednml_jax.engine import augment, local_training, strategies
 from fednml_jax.engine.clients import ClientLayout
 from fednml_jax.methods.fedavg import FedAvg
 
@@ -59,6 +59,19 @@ def _one_round(strategy):
   state = experiment.method.init_state()
   new_variables, _, records = experiment.run_round(0, variables, state)
   return new_variables, records[-1]["client_loss"]
+
+
+@pytest.mark.parametrize("backend,devices,expected", [
+    ("cpu", 1, "loop"), ("cpu", 2, "loop"), ("gpu", 1, "loop"), ("gpu", 8, "shard"),
+    ("tpu", 4, "shard")])
+def test_auto_strategy_loops_on_one_device_and_shards_over_several_accelerators(
+    monkeypatch, backend, devices, expected):
+  """`auto` never vmaps clients on one device: vmapped per-client convolutions become grouped
+  convolutions, 9× slower on an H100 at the paper's configuration (docs/performance.md)."""
+  monkeypatch.setattr(strategies.jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(strategies.jax, "device_count", lambda: devices)
+  assert strategies.resolve_strategy("auto") == expected
+  assert strategies.resolve_strategy("vmap") == "vmap"  # an explicit choice is kept
 
 
 @pytest.mark.parametrize("strategy", ["vmap", "shard"])

@@ -1,16 +1,18 @@
 """Client-parallel strategies: how one round's client updates are laid out on the hardware.
 
-- `vmap`: every client in one program on one device (client axis vmapped). On GPU this is one large
-  batched program; on CPU, XLA turns vmapped per-client convolutions into grouped convolutions, which
-  are slow there.
+- `vmap`: every client in one program on one device (client axis vmapped). XLA turns vmapped
+  per-client convolutions into grouped convolutions, whose gradients are slow on CPU and on GPU.
 - `shard`: the vmapped program with the client axis split over a `jax.sharding` mesh of all local
   devices (clients are padded to a multiple of the device count; padding clients weigh 0).
 - `loop`: a Python loop over clients calling one jitted single-client program (compiled once).
 
 All three compute the same function: tests check that they agree. With `batched_runs=True` every
 input but the images carries a leading run axis (several runs of the same program, one per row) and
-the round is vmapped over it (`loop` loops over the runs). `auto` picks `loop` on CPU and
-`shard` elsewhere (`vmap` when there is a single device); see docs/performance.md for measurements.
+the round is vmapped over it (`loop` loops over the runs). `auto` picks `loop` on CPU and on a
+single accelerator, `shard` when there are several accelerators: XLA turns vmapped per-client
+convolutions into grouped convolutions, whose gradients are slow on CPU and on GPU alike (a
+ResNet-18 FedAvg round at the paper's configuration on one H100: `vmap` 9.1 s, `loop` 1.0 s; see
+docs/performance.md).
 A multi-host run (`fednml_jax.distributed`) always uses `shard`, over the devices of every host.
 """
 
@@ -35,9 +37,9 @@ def resolve_strategy(name: str) -> str:
     return "shard"
   if name != "auto":
     return name
-  if jax.default_backend() == "cpu":
+  if jax.default_backend() == "cpu" or jax.device_count() == 1:
     return "loop"
-  return "shard" if jax.device_count() > 1 else "vmap"
+  return "shard"
 
 
 def client_mesh() -> Mesh:
