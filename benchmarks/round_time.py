@@ -363,11 +363,15 @@ def time_interleaved(runners: dict, rnd: int, rounds: int) -> dict:
   the per-pair time ratios can be compared.
   """
   impls = list(runners)
-  first = {impl: sum(runners[impl].round(rnd)[p] for p in PARTS) for impl in impls}
-  timed = {impl: [] for impl in impls}
+  first, timed = {}, {impl: [] for impl in impls}
+  for impl in impls:
+    first[impl] = sum(runners[impl].round(rnd)[p] for p in PARTS)
+    print(f"  {impl} first round: {first[impl]:.2f} s", flush=True)
   for i in range(rounds):
     for impl in (impls if i % 2 == 0 else impls[::-1]):
       timed[impl].append(runners[impl].round(rnd))
+      print(f"  {impl} round {i + 1}: " + ", ".join(
+          f"{p} {v:.2f}" for p, v in timed[impl][-1].items() if v) + " s", flush=True)
   return {impl: (first[impl], timed[impl]) for impl in impls}
 
 
