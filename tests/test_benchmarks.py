@@ -77,6 +77,13 @@ def test_full_run_tiny_writes_a_row(tmp_path):
   assert row["rounds"] == 2 and row["seconds"] > 0 and row["method"] == "fedavg"
   assert row["model_dtype"] == "bfloat16"  # mixed precision, as the flag asked
   assert 0.0 <= row["test_final_mAP"] <= 1.0
+  parts = row["parts"]  # 2 rounds; evaluated (eval.every = 2) and saved after the last
+  assert sum(p["count"] for k, p in parts.items() if k.startswith("round:")) == 2
+  assert parts["eval"]["count"] == 1
+  assert parts["checkpoint"]["count"] == 1 and row["strategy"] == "loop"
+  timed = sum(p["total"] for p in parts.values() if isinstance(p, dict))
+  assert timed + parts["other"] == pytest.approx(row["seconds"], abs=0.05)
+  assert 0 <= parts["compile_estimate"] <= timed
 
 
 def test_profile_round_lists_the_round_s_operations_with_their_sources():
