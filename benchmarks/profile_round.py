@@ -1,4 +1,4 @@
-r"""Where one engine round's time goes, operation by operation, on the CPU backend (issue #6).
+r"""Where one engine round's time goes, operation by operation (issue #6).
 
   python benchmarks/profile_round.py --preset=cpu [--method=fedavg] [--round=1] [--top=30]
       [size flags of round_time.py]
@@ -12,8 +12,11 @@ thread time (summed over XLA's worker threads), so they add up to more than the 
 when operations run in parallel. The optimised HLO is dumped to a temporary folder to map the
 profile's operation names to shapes and sources (`--keep_dump=DIR` keeps it).
 
-CPU only: on XLA:CPU the profiler records one event per executed HLO operation (thunk); on a GPU
-the events are kernels, for which NVIDIA's tools (nsys) or XProf are the instruments.
+On XLA:CPU the profiler records one event per executed HLO operation (thunk) on XLA's worker
+threads. On a GPU the events are the kernels on the device's streams, each labelled with the HLO
+operation that launched it (`hlo_op`); times are then kernel (device) time, summed per operation.
+Not yet run on a GPU: if no kernel events are recognised there, the script lists the trace's
+process and thread names instead, so that the parsing can be fixed from its output.
 """
 
 from __future__ import annotations
@@ -63,8 +66,9 @@ def hlo_instructions(dump_dir: str) -> dict:
   return table
 
 
-def operation_times(trace_dir: str) -> tuple[dict, dict]:
-  """({operation name: total µs}, {operation name: count}) of the XLA worker threads' events."""
+def operation_times(trace_dir: str, backend: str) -> tuple[dict, dict]:
+  """({operation name: total µs}, {operation name: count}): on CPU the XLA worker threads'
+  events, elsewhere the device's kernels grouped by the HLO operation that launched them."""
   paths = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "perfetto_trace.json.gz"))
   if not paths:
     raise SystemExit(f"no perfetto trace under {trace_dir}")
@@ -72,14 +76,26 @@ def operation_times(trace_dir: str) -> tuple[dict, dict]:
     events = json.load(f)["traceEvents"]
   threads = {e["tid"]: e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  processes = {e["pid"]: e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "process_name"}
   total, count = collections.defaultdict(float), collections.Counter()
   for e in events:
     name = e.get("name", "")
-    if (e.get("ph") != "X" or not threads.get(e.get("tid"), "").startswith("tf_XLA")
-        or name.startswith(("$", "ThunkExecutor", "SlinkyThreadPool", "end: "))):
-      continue  # Python frames, executor bookkeeping and waits: not operations
+    if e.get("ph") != "X":
+      continue
+    if backend == "cpu":
+      if (not threads.get(e.get("tid"), "").startswith("tf_XLA")
+          or name.startswith(("$", "ThunkExecutor", "SlinkyThreadPool", "end: "))):
+        continue  # Python frames, executor bookkeeping and waits: not operations
+    else:
+      if "/device:" not in processes.get(e.get("pid"), ""):
+        continue  # host threads: the kernels run on the device's streams
+      name = (e.get("args") or {}).get("hlo_op") or name
     total[name] += e.get("dur", 0.0)
     count[name] += 1
+  if not total:
+    raise SystemExit("no operation events recognised in the trace; its processes: "
+                     f"{sorted(set(processes.values()))}; threads: {sorted(set(threads.values()))}")
   return total, count
 
 
@@ -91,9 +107,7 @@ def main(argv=None):
                              " --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=NONE").strip()
   import jax  # pylint: disable=import-outside-toplevel
   import round_time  # pylint: disable=import-outside-toplevel
-  if jax.default_backend() != "cpu":
-    raise SystemExit(f"profile_round.py reads XLA:CPU's per-operation events; this is "
-                     f"{jax.default_backend()} (use nsys or XProf there).")
+  backend = jax.default_backend()
   jax.config.update("jax_enable_compilation_cache", False)  # compile here, so the HLO is dumped
   with tempfile.TemporaryDirectory(prefix="fednml_bench_") as tmpdir:
     config, data = round_time.preset_config(args, tmpdir)
@@ -105,7 +119,7 @@ def main(argv=None):
     parts = runner.round(args.rnd)
     jax.profiler.stop_trace()
   instructions = hlo_instructions(dump_dir)
-  total, count = operation_times(trace_dir)
+  total, count = operation_times(trace_dir, backend)
   by_source = collections.defaultdict(float)
   executions = collections.Counter()
   for name, micros in total.items():
@@ -116,10 +130,11 @@ def main(argv=None):
     by_source[key] += micros
     executions[key] += count[name]
   thread_seconds = sum(total.values()) / 1e6
+  unit = "thread" if backend == "cpu" else "device"
   print(f"{args.method} round {args.rnd} on {data}: wall " + ", ".join(
       f"{k} {v:.3f} s" for k, v in parts.items() if v > 1e-4)
-        + f"; XLA operations {thread_seconds:.3f} thread-s")
-  print(f"{'thread-ms':>10s} {'share':>6s} {'runs':>6s}  {'operation':26s} {'shape':34s} source")
+        + f"; XLA operations {thread_seconds:.3f} {unit}-s")
+  print(f"{unit + '-ms':>10s} {'share':>6s} {'runs':>6s}  {'operation':26s} {'shape':34s} source")
   for (kind, shape, op_name), micros in sorted(by_source.items(), key=lambda kv: -kv[1])[:args.top]:
     print(f"{micros / 1e3:10.1f} {micros / 1e4 / thread_seconds:5.1f}% "
           f"{executions[(kind, shape, op_name)]:6d}  {kind[:26]:26s} {shape[:34]:34s} {op_name}")
