@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Issue #6's GPU measurements, in steps that each fit one call of the workplace's device tool
-# (10 minutes a command). Not yet run on a GPU: no session so far has been lent one.
+# (10 minutes a command; every command below runs under `timeout`, so that a step cut short still
+# brings back its log, which prints every timed round). First run on an H100 on 2026-11-23:
+# docs/performance.md has those numbers and what they changed (`fl.strategy=auto` loops).
 #
 # Here, once per checkout (both folders are ignored through .git/info/exclude, so they travel
 # only when named in the call's `carry`):
@@ -9,43 +11,66 @@
 #     --implementation cp --platform manylinux2014_x86_64 -d .whl ml-collections==1.1.0
 #   mkdir -p .data && cp ../shared/data/rfmid_dev_64px.npz .data/
 # On the device (run's command; carry [".whl", ".data"]):
-#   bash benchmarks/gpu_suite.sh paper   # round time vs torch at the paper configuration
+#   bash benchmarks/gpu_suite.sh paper   # round time vs torch at the paper configuration (~5 min)
+#   bash benchmarks/gpu_suite.sh long    # whole 100-round FedNML runs, float32 and bfloat16 (~6 min)
+#   bash benchmarks/gpu_suite.sh warm    # two bfloat16 runs sharing a compilation cache (~5 min)
+#   bash benchmarks/gpu_suite.sh profile # where a paper-configuration round's kernel time goes
 #   bash benchmarks/gpu_suite.sh small   # round time vs torch, small CNN; run batching 1 -> 32
 #   bash benchmarks/gpu_suite.sh scaling # clients 4 -> 256
-#   bash benchmarks/gpu_suite.sh long [bfloat16]  # a whole 100-round FedNML run, paper configuration
 #   bash benchmarks/gpu_suite.sh sweep   # the 81-run RFMiD grid of configs/sweeps/rfmid_cpu.py
-# One step per call (each should take well under the 10-minute limit; the machine stays warm for
-# a few seconds between calls, so make them back to back). `paper`, then `long`, matter most.
+# One step per call (the machine stays warm for 30 s between calls, so make them back to back;
+# a session has 30 minutes of device time, a fresh machine takes a minute or two to start).
+# `paper`, then `long`, matter most.
 # Results land in $OUT (the tool brings them back); docs/performance.md says what each reports.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+set -uo pipefail  # no -e: a step cut short by its timeout still lets the next one run
+cd "$(dirname "$0")/.." || exit 1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl
+  --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 FEDNML_NO_PROGRESS=1
 OUT="${OUT:-/tmp/gpu_suite_out}"
 mkdir -p "$OUT"
 
 case "${1:-}" in
   paper)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-    python3 benchmarks/round_time.py --preset=paper --rounds=3 \
-      --out="$OUT/round_time_paper.json" 2>&1 | tee "$OUT/round_time_paper.log"
+    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+      python3 -m pip list 2>/dev/null | grep -iE "^(jax|jaxlib|flax|optax|torch) "; } \
+      | tee "$OUT/gpu.txt"
+    for method in fedavg fednml; do
+      timeout 280 python3 benchmarks/round_time.py --preset=paper --rounds=3 --methods="$method" \
+        --out="$OUT/round_time_paper_$method.json" 2>&1 | tee "$OUT/round_time_paper_$method.log"
+    done
+    ;;
+  profile)  # kernels of a FedAvg round and of a FedNML phase-2 round, by HLO operation (~3 min)
+    timeout 200 python3 benchmarks/profile_round.py --preset=paper --top=40 2>&1 \
+      | tee "$OUT/profile_paper_fedavg.log"
+    timeout 200 python3 benchmarks/profile_round.py --preset=paper --method=fednml --round=11 \
+      --top=40 2>&1 | tee "$OUT/profile_paper_fednml_phase2.log"
     ;;
   small)
-    python3 benchmarks/round_time.py --preset=cpu --synthetic --rounds=3 \
+    timeout 200 python3 benchmarks/round_time.py --preset=cpu --synthetic --rounds=3 \
       --out="$OUT/round_time_small.json" 2>&1 | tee "$OUT/round_time_small.log"
-    python3 benchmarks/run_batching.py --preset=cpu --synthetic --runs=1,2,4,8,16,32 \
+    timeout 370 python3 benchmarks/run_batching.py --preset=cpu --synthetic --runs=1,2,4,8,16,32 \
       --rounds=3 --out="$OUT/run_batching_small.json" 2>&1 | tee "$OUT/run_batching.log"
     ;;
   scaling)
-    python3 benchmarks/scaling.py --clients=4,8,16,32,64,128,256 --per_client=32 \
+    timeout 570 python3 benchmarks/scaling.py --clients=4,8,16,32,64,128,256 --per_client=32 \
       --out="$OUT/scaling.json" 2>&1 | tee "$OUT/scaling.log"
     ;;
-  long)  # optional second argument: the JAX model's dtype (float32, or bfloat16 for mixed precision)
-    dtype="${2:-float32}"
-    python3 benchmarks/full_run.py --preset=paper --method=fednml --rounds=100 \
-      --model_dtype="$dtype" --out="$OUT/full_run_paper_$dtype.json" 2>&1 \
-      | tee "$OUT/full_run_paper_$dtype.log"
+  long)  # optional second argument: one dtype (float32, or bfloat16 for mixed precision); default both
+    for dtype in ${2:-float32 bfloat16}; do
+      timeout 285 python3 benchmarks/full_run.py --preset=paper --method=fednml --rounds=100 \
+        --model_dtype="$dtype" --out="$OUT/full_run_paper_$dtype.json" 2>&1 \
+        | tee "$OUT/full_run_paper_$dtype.log"
+    done
+    ;;
+  warm)  # two runs sharing a compilation cache, as a sweep's runs do: the second loads its programs
+    dtype="${2:-bfloat16}"
+    for i in 1 2; do
+      timeout 285 python3 benchmarks/full_run.py --preset=paper --method=fednml --rounds=100 \
+        --model_dtype="$dtype" --compile_cache="/tmp/xla_cache_full_run_$dtype" \
+        --out="$OUT/full_run_paper_${dtype}_cache$i.json" 2>&1 \
+        | tee "$OUT/full_run_paper_${dtype}_cache$i.log"
+    done
     ;;
   sweep)
     # Resumable: rerun the step while the machine is warm (its checkout keeps runs/).
@@ -56,7 +81,7 @@ case "${1:-}" in
       runs/sweep_rfmid_gpu
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_suite.sh paper|small|scaling|long|sweep" >&2
+    echo "usage: bash benchmarks/gpu_suite.sh paper|long|warm|profile|small|scaling|sweep" >&2
     exit 2
     ;;
 esac
