@@ -18,9 +18,10 @@
 #   bash benchmarks/gpu_suite.sh small   # round time vs torch, small CNN; run batching 1 -> 32
 #   bash benchmarks/gpu_suite.sh scaling # clients 4 -> 256
 #   bash benchmarks/gpu_suite.sh sweep   # the 81-run RFMiD grid of configs/sweeps/rfmid_cpu.py
-# One step per call (the machine stays warm for 30 s between calls, so make them back to back;
-# a session has 30 minutes of device time, a fresh machine takes a minute or two to start).
-# `paper`, then `long`, matter most.
+# Several steps may go in one call (`bash benchmarks/gpu_suite.sh warm profile`, about 8 minutes)
+# while their sum stays under the call's 10 minutes and $OUT under 8 files. The machine stays warm
+# for 30 s between calls, so make them back to back; a session has 30 minutes of device time and
+# a fresh machine takes a minute or two to start. `paper`, then `long`, matter most.
 # Results land in $OUT (the tool brings them back); docs/performance.md says what each reports.
 set -uo pipefail  # no -e: a step cut short by its timeout still lets the next one run
 cd "$(dirname "$0")/.." || exit 1
@@ -30,7 +31,9 @@ export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 FEDNML_NO_PROGRESS=1
 OUT="${OUT:-/tmp/gpu_suite_out}"
 mkdir -p "$OUT"
 
-case "${1:-}" in
+[ $# -gt 0 ] || set -- usage
+for step in "$@"; do
+case "$step" in
   paper)
     { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
       python3 -m pip list 2>/dev/null | grep -iE "^(jax|jaxlib|flax|optax|torch) "; } \
@@ -56,15 +59,15 @@ case "${1:-}" in
     timeout 570 python3 benchmarks/scaling.py --clients=4,8,16,32,64,128,256 --per_client=32 \
       --out="$OUT/scaling.json" 2>&1 | tee "$OUT/scaling.log"
     ;;
-  long)  # optional second argument: one dtype (float32, or bfloat16 for mixed precision); default both
-    for dtype in ${2:-float32 bfloat16}; do
+  long)  # DTYPES="float32" (or "bfloat16") for one of the two
+    for dtype in ${DTYPES:-float32 bfloat16}; do
       timeout 285 python3 benchmarks/full_run.py --preset=paper --method=fednml --rounds=100 \
         --model_dtype="$dtype" --out="$OUT/full_run_paper_$dtype.json" 2>&1 \
         | tee "$OUT/full_run_paper_$dtype.log"
     done
     ;;
   warm)  # two runs sharing a compilation cache, as a sweep's runs do: the second loads its programs
-    dtype="${2:-bfloat16}"
+    dtype="${WARM_DTYPE:-bfloat16}"
     for i in 1 2; do
       timeout 285 python3 benchmarks/full_run.py --preset=paper --method=fednml --rounds=100 \
         --model_dtype="$dtype" --compile_cache="/tmp/xla_cache_full_run_$dtype" \
@@ -81,7 +84,9 @@ case "${1:-}" in
       runs/sweep_rfmid_gpu
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_suite.sh paper|long|warm|profile|small|scaling|sweep" >&2
+    echo "usage: bash benchmarks/gpu_suite.sh STEP [STEP ...]; steps: paper long warm profile" \
+      "small scaling sweep" >&2
     exit 2
     ;;
 esac
+done
