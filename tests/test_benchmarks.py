@@ -9,6 +9,7 @@ import importlib.util
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO, SHARED_DATA
@@ -50,6 +51,42 @@ def test_round_time_tiny_cpu_preset_writes_rows(tmp_path):
     assert row["optimizer_steps"] == 2 * 2 * 1  # clients × epochs × ceil(16 / 32)
     if row["round_kind"] == "refinement":
       assert row["refine_device_seconds"] > 0 and row["refine_host_seconds"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="torch is not installed (optional: pip install -e .[bench])")
+@pytest.mark.parametrize("channels", [3, 1])
+def test_torch_baseline_weak_view_is_the_reference_s_pil_transform(channels):
+  """The baseline's weak view is torchvision's RandomAffine + RandomHorizontalFlip on a PIL
+  image: with no rotation, an integer shift of at most t·size pixels with zero fill (nearest
+  sampling moves no value), mirrored or not; with nothing random, ToTensor's x / 255."""
+  import torch  # pylint: disable=import-outside-toplevel
+  weak_view = _benchmark("torch_reference").weak_view
+  image = np.random.default_rng(0).integers(1, 256, (12, 10, channels), np.uint8)
+  plain = image.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+  torch.manual_seed(0)
+  np.testing.assert_allclose(weak_view(image, 0.0, 0.0, False).numpy(), plain, atol=1e-7)
+  seen = set()
+  for _ in range(40):
+    out = weak_view(image, 0.0, 0.3, True).numpy()
+    assert out.shape == plain.shape
+    matches = [(dy, dx, flip) for dy in range(-4, 5) for dx in range(-3, 4) for flip in (0, 1)
+               if np.array_equal(out, _shifted(plain[..., ::-1] if flip else plain, dy, dx))]
+    assert len(matches) == 1, "not a whole-pixel shift (|shift| <= round(0.3 * size)) of the image"
+    seen.add(matches[0])
+  assert len(seen) > 10 and {f for _, _, f in seen} == {0, 1}  # random shifts and flips
+  rotated = weak_view(image, 10.0, 0.02, True).numpy()  # nearest: only the image's own values
+  assert set(np.unique(rotated)) <= set(np.unique(plain)) | {0.0}
+  assert not np.array_equal(rotated, plain)
+
+
+def _shifted(image, dy, dx):
+  """`image` (C, H, W) moved down by dy and right by dx pixels, zeros where nothing lands."""
+  out = np.zeros_like(image)
+  h, w = image.shape[1:]
+  out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+      image[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+  return out
 
 
 def test_run_batching_tiny_writes_rows(tmp_path):
