@@ -16,7 +16,7 @@
 #   bash benchmarks/gpu_suite.sh warm    # two bfloat16 runs sharing a compilation cache (~5 min)
 #   bash benchmarks/gpu_suite.sh profile # where a paper-configuration round's kernel time goes
 #   bash benchmarks/gpu_suite.sh small   # round time vs torch, small CNN; run batching 1 -> 32
-#   bash benchmarks/gpu_suite.sh scaling # clients 4 -> 256
+#   bash benchmarks/gpu_suite.sh scaling # clients 4 -> 256, loop and vmap
 #   bash benchmarks/gpu_suite.sh sweep   # the 81-run RFMiD grid of configs/sweeps/rfmid_cpu.py
 # Several steps may go in one call (`bash benchmarks/gpu_suite.sh warm profile`, about 8 minutes)
 # while their sum stays under the call's 10 minutes and $OUT under 8 files. The machine stays warm
@@ -55,9 +55,12 @@ case "$step" in
     timeout 370 python3 benchmarks/run_batching.py --preset=cpu --synthetic --runs=1,2,4,8,16,32 \
       --rounds=3 --out="$OUT/run_batching_small.json" 2>&1 | tee "$OUT/run_batching.log"
     ;;
-  scaling)
-    timeout 570 python3 benchmarks/scaling.py --clients=4,8,16,32,64,128,256 --per_client=32 \
-      --out="$OUT/scaling.json" 2>&1 | tee "$OUT/scaling.log"
+  scaling)  # the loop (auto on one GPU) and the one-program vmap, whose cost may win at many clients
+    for strategy in loop vmap; do
+      timeout 285 python3 benchmarks/scaling.py --clients=4,8,16,32,64,128,256 --per_client=32 \
+        --strategy="$strategy" --out="$OUT/scaling_$strategy.json" 2>&1 \
+        | tee "$OUT/scaling_$strategy.log"
+    done
     ;;
   long)  # DTYPES="float32" (or "bfloat16") for one of the two
     for dtype in ${DTYPES:-float32 bfloat16}; do
