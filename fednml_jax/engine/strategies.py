@@ -11,7 +11,7 @@ input but the images carries a leading run axis (several runs of the same progra
 the round is vmapped over it (`loop` loops over the runs). `auto` picks `loop` on CPU and on a
 single accelerator, `shard` when there are several accelerators: XLA turns vmapped per-client
 convolutions into grouped convolutions, whose gradients are slow on CPU and on GPU alike (a
-ResNet-18 FedAvg round at the paper's configuration on one H100: `vmap` 9.1 s, `loop` 1.0 s; see
+ResNet-18 FedAvg round at the paper's configuration on one H100: `vmap` 9.3 s, `loop` 1.07 s; see
 docs/performance.md).
 A multi-host run (`fednml_jax.distributed`) always uses `shard`, over the devices of every host.
 """
