@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -37,7 +38,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import round_time  # noqa: E402
-from fednml_jax import checkpointing, train  # noqa: E402
+from fednml_jax import checkpointing, cli, train  # noqa: E402
 from fednml_jax.engine import strategies  # noqa: E402
 
 
@@ -58,8 +59,6 @@ class PartTimer:
   @contextlib.contextmanager
   def installed(self):
     run_round = train.Experiment.run_round
-    evaluate = train.Experiment.evaluate
-    save = checkpointing.Checkpointer.save
     timer = self
 
     def timed_run_round(experiment, rnd, variables, method_state):
@@ -79,15 +78,11 @@ class PartTimer:
         return out
       return wrapper
 
-    train.Experiment.run_round = timed_run_round
-    train.Experiment.evaluate = timed("eval", evaluate)
-    checkpointing.Checkpointer.save = timed("checkpoint", save)
-    try:
+    with mock.patch.object(train.Experiment, "run_round", timed_run_round), \
+        mock.patch.object(train.Experiment, "evaluate", timed("eval", train.Experiment.evaluate)), \
+        mock.patch.object(checkpointing.Checkpointer, "save",
+                          timed("checkpoint", checkpointing.Checkpointer.save)):
       yield self
-    finally:
-      train.Experiment.run_round = run_round
-      train.Experiment.evaluate = evaluate
-      checkpointing.Checkpointer.save = save
 
   def parts(self, total_seconds: float) -> dict:
     out = {name: {"count": len(t), "first": round(t[0], 4), "median": round(float(np.median(t)), 4),
@@ -111,12 +106,10 @@ def format_parts(parts: dict) -> str:
 def run(args) -> dict:
   cache = jax.config.jax_enable_compilation_cache
   cache_dir = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_enable_compilation_cache", bool(args.compile_cache))
-  if args.compile_cache:
-    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
   timer = PartTimer()
   try:
     with tempfile.TemporaryDirectory() as tmpdir:
+      cli.enable_compile_cache(args.compile_cache or "none", tmpdir)
       config, data = round_time.preset_config(args, tmpdir)
       config.method, config.rounds = args.method, args.rounds
       start = time.perf_counter()

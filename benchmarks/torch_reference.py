@@ -182,8 +182,12 @@ def weak_view(image: np.ndarray, max_degrees: float, max_translate: float,
                       resample=Image.Resampling.NEAREST, fillcolor=0)
   if hflip and bool(torch.rand(()) < 0.5):
     pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-  out = np.asarray(pil).reshape(h, w, channels)
-  return torch.from_numpy(out.copy()).permute(2, 0, 1).float().div_(255.0)
+  return to_tensor(np.asarray(pil).reshape(h, w, channels))
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+  """A uint8 (H, W, C) image as a float (C, H, W) tensor in [0, 1] (torchvision's `ToTensor`)."""
+  return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(255.0)
 
 
 class ClientDataset(Dataset):
@@ -206,7 +210,7 @@ class ClientDataset(Dataset):
       x = weak_view(self.images[index], self.augment["rotation_degrees"],
                     self.augment["translate"], self.augment["hflip"])
     else:
-      x = torch.from_numpy(self.images[index]).permute(2, 0, 1).float() / 255.0
+      x = to_tensor(self.images[index])
     x = (x - self.mean) / self.std
     return x, torch.from_numpy(self.labels[index].astype(np.float32)), index
 

@@ -51,5 +51,6 @@ def enable_compile_cache(setting: str, workdir: str) -> str | None:
     return None
   if setting == "auto":
     setting = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(workdir, "xla_cache")
+  jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", setting)
   return setting
