@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from concurrent import futures
 from typing import Any
 
 import jax
@@ -308,6 +309,33 @@ class Experiment:
   def compiled_programs(self) -> int:
     return sum(p.traces for p in self.programs.values())
 
+  def compile_ahead(self, executor, from_round: int, variables, method_state) -> list:
+    """Starts compiling, in `executor`'s threads, the round program of each method phase that the
+    rounds from `from_round` on will enter and that is not compiled yet (`engine/compile_ahead.py`),
+    for arguments like the next round's (`variables`, the client arrays of `method_state`): a
+    phase whose arguments turn out different compiles at its first call, as without this. Returns
+    the futures of the programs."""
+    first_rounds = {}  # method phase -> the first round in it
+    for rnd in range(from_round, self.config.rounds):
+      first_rounds.setdefault(self.method.phase(rnd), rnd)
+    later = {phase: rnd for phase, rnd in first_rounds.items()
+             if phase not in self.programs or self.programs[phase].traces == 0}
+    if not later:
+      return []
+    clients = strategies.place_clients(
+        self.strategy, _device_clients(self.method, method_state, self.layout, self.image_index))
+    return [self.program_for(phase).compile_in(executor, variables, self.train_images, clients,
+                                               self.round_scalars(rnd, method_state),
+                                               self.round_key(rnd))
+            for phase, rnd in later.items()]
+
+  # The round key and the method's scalars go in as host values: every process passes the same.
+  def round_key(self, rnd: int) -> np.ndarray:
+    return np.asarray(jax.random.fold_in(jax.random.fold_in(self.run_key, STREAM_TRAIN), rnd))
+
+  def round_scalars(self, rnd: int, method_state) -> dict:
+    return {k: np.float32(v) for k, v in self.method.scalars(rnd, method_state).items()}
+
   def predict_train(self, variables, rnd: int, with_features: bool = False):
     """The global model's probabilities (and features) on every client's slots, weak view."""
     key = np.asarray(jax.random.fold_in(jax.random.fold_in(self.run_key, STREAM_REFINE), rnd))
@@ -338,13 +366,9 @@ class Experiment:
       self._clients = strategies.place_clients(
           self.strategy, _device_clients(self.method, method_state, self.layout,
                                          self.image_index))
-    scalars = {k: np.float32(v) for k, v in self.method.scalars(rnd, method_state).items()}
-    # Keys and scalars go in as host values: every process passes the same ones.
-    round_key = np.asarray(
-        jax.random.fold_in(jax.random.fold_in(self.run_key, STREAM_TRAIN), rnd))
     return RoundInputs(round=rnd, phase=self.method.phase(rnd), method_state=method_state,
-                       clients=self._clients, scalars=scalars, round_key=round_key,
-                       records=records)
+                       clients=self._clients, scalars=self.round_scalars(rnd, method_state),
+                       round_key=self.round_key(rnd), records=records)
 
   def finish_round(self, inputs: "RoundInputs", outputs):
     """Checks the round program's `outputs` and runs the method's `after_round`; returns
@@ -507,6 +531,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   progress = tqdm(total=config.rounds, initial=first_round, desc=f"{config.method} rounds",
                   unit="round", file=sys.stderr, mininterval=2.0, dynamic_ncols=True,
                   disable=os.environ.get("FEDNML_NO_PROGRESS") == "1" or not primary)
+  # After the first round (whose program compiles at its call), the later phases' round programs
+  # compile in the background while the rounds run (engine/compile_ahead.py).
+  compiler = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile_ahead")
   try:
     for rnd in range(first_round, config.rounds):
       try:
@@ -517,6 +544,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  "--config.optim.lr) and rerun with --config.resume=force to continue from it."
                  if last is not None else "No checkpoint was written yet.")
         raise UserError(f"{err} ({config.method}, lr {config.optim.lr}). {where}") from None
+      if rnd == first_round:
+        experiment.compile_ahead(compiler, rnd + 1, variables, method_state)
       for record in records:
         metrics_log.write(record)
       losses = next(r["client_loss"] for r in records if "client_loss" in r)
@@ -534,6 +563,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   finally:
     progress.close()
     ckpt.close()
+    compiler.shutdown(wait=False, cancel_futures=True)
   summary = experiment.summary(history, elapsed_before + time.time() - start)
   summary["resumed_from_round"] = first_round if resume_from else None
   if primary:

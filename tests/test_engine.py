@@ -1,6 +1,7 @@
 """The federated engine: batching semantics, strategies agreeing, compile-once, aggregation."""
 
 import json
+from concurrent import futures
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from fednml_jax import aggregation, train
-from fednml_jax.engine import augment, local_training, strategies
+from fednml_jax.engine import augment, compile_ahead, local_training, strategies
 from fednml_jax.engine.clients import ClientLayout
 from fednml_jax.methods.fedavg import FedAvg
 
@@ -89,6 +90,63 @@ def test_strategies_agree_with_loop(strategy):
   for a, b in zip(jax.tree.leaves(loop_vars), jax.tree.leaves(other_vars)):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     assert np.linalg.norm(a - b) <= 1e-3 * max(np.linalg.norm(a), 1.0)
+
+
+@pytest.mark.parametrize("strategy,grouped", [("shard", False), ("vmap", True)])
+def test_shard_loops_over_each_device_s_clients_instead_of_grouping_their_convolutions(
+    strategy, grouped):
+  """With more clients than devices (4 over 2), `shard` trains each device's clients one after
+  another: its compiled round has no grouped convolution, which vmapped clients become."""
+  experiment = train.Experiment(tiny_config(**{"fl.strategy": strategy, "fl.num_clients": 4}))
+  variables, state = experiment.initial_variables(), experiment.method.init_state()
+  inputs = experiment.prepare_round(0, variables, state)
+  compiled = experiment.program_for(inputs.phase)._round.jitted.lower(
+      variables, experiment.train_images, inputs.clients, inputs.scalars,
+      inputs.round_key).compile().as_text()
+  assert ("feature_group_count" in compiled) == grouped
+
+
+def test_a_program_compiled_ahead_is_the_one_its_call_runs():
+  traces = []
+
+  def f(x, scale):
+    traces.append(x.shape)
+    return jnp.sin(x) * scale
+
+  program = compile_ahead.AheadOfTime(f)
+  x = jnp.arange(6.0)
+  with futures.ThreadPoolExecutor(1) as executor:
+    future = program.compile_in(executor, x, np.float32(2.0))
+    assert program.compile_in(executor, x + 1, np.float32(3.0)) is future  # same signature
+    future.result()
+  assert traces == [(6,)]
+  np.testing.assert_allclose(program(x, np.float32(2.0)), np.sin(np.arange(6.0)) * 2, rtol=1e-6)
+  assert traces == [(6,)]  # the call ran the executable compiled ahead
+  program(jnp.arange(4.0), np.float32(2.0))  # another signature: compiled at the call
+  assert traces == [(6,), (4,)]
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_later_phases_compile_ahead_and_their_rounds_do_not_compile_again(
+    tmp_path, monkeypatch, strategy):
+  """After round 0, FedNML's refinement phase (rounds 2 on) compiles in the background; its rounds
+  run that program: each phase's round program is traced once."""
+  calls = []
+  real = train.Experiment.compile_ahead
+
+  def spy(self, executor, from_round, *args):
+    calls.append((from_round, real(self, executor, from_round, *args)))
+    return calls[-1][1]
+
+  monkeypatch.setattr(train.Experiment, "compile_ahead", spy)
+  config = tiny_config(method="fednml", rounds=3, **{
+      "fl.strategy": strategy, "fednml.warmup_rounds": 2, "fednml.refine_every": 1})
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  [(from_round, jobs)] = calls
+  assert from_round == 1 and len(jobs) == 1  # the refinement phase's program
+  assert jobs[0].done() and jobs[0].exception() is None
+  per_phase = 2 if strategy == "loop" else 1  # the loop's client program and aggregation
+  assert summary["compiled_programs"] == 2 * per_phase
 
 
 def test_programs_compile_once_per_run(tmp_path):

@@ -2,8 +2,10 @@
 
 - `vmap`: every client in one program on one device (client axis vmapped). XLA turns vmapped
   per-client convolutions into grouped convolutions, whose gradients are slow on CPU and on GPU.
-- `shard`: the vmapped program with the client axis split over a `jax.sharding` mesh of all local
-  devices (clients are padded to a multiple of the device count; padding clients weigh 0).
+- `shard`: one program with the client axis split over a `jax.sharding` mesh of all local devices
+  (clients are padded to a multiple of the device count; padding clients weigh 0); each device
+  trains its own clients one after another (`shard_map` + `lax.map`), then the aggregation runs
+  over the whole, sharded client axis.
 - `loop`: a Python loop over clients calling one jitted single-client program (compiled once).
 
 All three compute the same function: tests check that they agree. With `batched_runs=True` every
@@ -26,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fednml_jax import distributed
+from fednml_jax.engine.compile_ahead import AheadOfTime
 from fednml_jax.errors import ConfigError
 
 
@@ -78,9 +81,33 @@ class RoundProgram:
 
     def train_all(global_vars, images, clients, scalars, round_key):
       keys = client_keys(round_key, clients["count"].shape[0])
+      if strategy == "shard":
+        return train_each_device(global_vars, images, clients, scalars, keys)
       image_axis = 0 if per_client_images else None
       return jax.vmap(client_update, in_axes=(None, image_axis, 0, None, 0))(
           global_vars, images, clients, scalars, keys)
+
+    def train_each_device(global_vars, images, clients, scalars, keys):
+      # Each device trains its block of clients one after another (`lax.map`), never vmapped:
+      # vmapped clients would be grouped convolutions, as slow on GPU as under `vmap`.
+      clients_spec = PartitionSpec("clients")
+      image_spec = clients_spec if per_client_images else PartitionSpec()
+
+      def block(global_vars, images, clients, scalars, keys):
+        def one(args):
+          client, key, client_images = args
+          return client_update(global_vars, client_images if per_client_images else images,
+                               client, scalars, key)
+
+        xs = (clients, keys, images if per_client_images else None)
+        if keys.shape[0] == 1:  # no one-trip loop (see local_training: slow on XLA:CPU)
+          return jax.tree.map(lambda a: a[None], one(jax.tree.map(lambda a: a[0], xs)))
+        return jax.lax.map(one, xs)
+
+      # check_vma off: the local scan carries values that start replicated (the global model).
+      specs = (PartitionSpec(), image_spec, clients_spec, PartitionSpec(), clients_spec)
+      return jax.shard_map(block, mesh=client_mesh(), in_specs=specs, out_specs=clients_spec,
+                           check_vma=False)(global_vars, images, clients, scalars, keys)
 
     def train_and_aggregate(global_vars, images, clients, scalars, round_key):
       client_vars, losses, outputs = train_all(global_vars, images, clients, scalars, round_key)
@@ -93,12 +120,12 @@ class RoundProgram:
       # The new global model on every device, the per-client outputs split like the clients.
       mesh = client_mesh()
       by_client = NamedSharding(mesh, PartitionSpec(*([None] * batched_runs), "clients"))
-      self._round = jax.jit(counted(train_and_aggregate), out_shardings=(
+      self._round = AheadOfTime(counted(train_and_aggregate), out_shardings=(
           NamedSharding(mesh, PartitionSpec()), by_client, by_client, by_client))
     elif strategy == "vmap":
-      self._round = jax.jit(counted(train_and_aggregate))
+      self._round = AheadOfTime(counted(train_and_aggregate))
     elif strategy == "loop":
-      self._client = jax.jit(counted(client_update))
+      self._client = AheadOfTime(counted(client_update))
       self._aggregate = jax.jit(counted(aggregate))
     else:
       raise ValueError(f"unknown strategy {strategy!r}")
@@ -120,11 +147,25 @@ class RoundProgram:
                                                       round_key)
     return hashlib.sha256(lowered.as_text().encode()).hexdigest()
 
+  def compile_in(self, executor, global_vars, images, clients, scalars, round_key):
+    """Starts compiling the program of a round with these (one run's) arguments in `executor`
+    (`compile_ahead.AheadOfTime`); the round then runs it without compiling."""
+    if self.batched_runs:
+      raise ValueError("compile_in takes one run's arguments")
+    if self.strategy == "loop":  # every client's call has the signature of the first's
+      keys = client_keys(round_key, int(clients["count"].shape[0]))
+      return self._client.compile_in(executor, *self._client_args(
+          global_vars, images, clients, scalars, keys, 0))
+    return self._round.compile_in(executor, global_vars, images, clients, scalars, round_key)
+
+  def _client_args(self, global_vars, images, clients, scalars, keys, k):
+    return (global_vars, images[k] if self.per_client_images else images,
+            jax.tree.map(lambda a: a[k], clients), scalars, keys[k])
+
   def _loop_round(self, global_vars, images, clients, scalars, round_key):
     num_clients = int(clients["count"].shape[0])
     keys = client_keys(round_key, num_clients)
-    outputs = [self._client(global_vars, images[k] if self.per_client_images else images,
-                            jax.tree.map(lambda a: a[k], clients), scalars, keys[k])
+    outputs = [self._client(*self._client_args(global_vars, images, clients, scalars, keys, k))
                for k in range(num_clients)]
     client_vars, losses, client_outputs = (stack_trees([o[i] for o in outputs]) for i in range(3))
     return self._aggregate(client_vars, clients, global_vars), losses, client_vars, client_outputs
