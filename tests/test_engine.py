@@ -97,7 +97,8 @@ def test_shard_loops_over_each_device_s_clients_instead_of_grouping_their_convol
     strategy, grouped):
   """With more clients than devices (4 over 2), `shard` trains each device's clients one after
   another: its compiled round has no grouped convolution, which vmapped clients become."""
-  experiment = train.Experiment(tiny_config(**{"fl.strategy": strategy, "fl.num_clients": 4}))
+  experiment = train.Experiment(tiny_config(**{"fl.strategy": strategy, "fl.num_clients": 4,
+                                                "fl.scan_unroll": 1}))  # a rolled scan: faster
   variables, state = experiment.initial_variables(), experiment.method.init_state()
   inputs = experiment.prepare_round(0, variables, state)
   compiled = experiment.program_for(inputs.phase)._round.jitted.lower(
@@ -140,7 +141,8 @@ def test_later_phases_compile_ahead_and_their_rounds_do_not_compile_again(
 
   monkeypatch.setattr(train.Experiment, "compile_ahead", spy)
   config = tiny_config(method="fednml", rounds=3, **{
-      "fl.strategy": strategy, "fednml.warmup_rounds": 2, "fednml.refine_every": 1})
+      "fl.strategy": strategy, "fl.scan_unroll": 1, "fednml.warmup_rounds": 2,
+      "fednml.refine_every": 1})
   summary = train.train_and_evaluate(config, str(tmp_path))
   [(from_round, jobs)] = calls
   assert from_round == 1 and len(jobs) == 1  # the refinement phase's program

@@ -48,7 +48,7 @@ def _losses(records):
   return np.array([r["client_loss"] for r in records if "client_loss" in r])
 
 
-@pytest.mark.parametrize("strategy", ["shard", "loop"])  # shard: the vmapped program on a mesh
+@pytest.mark.parametrize("strategy", ["shard", "loop"])  # shard: one program on a mesh
 def test_batched_runs_match_separate_runs(strategy):
   # Two seeds with two noise settings of one FedAvg config. `loop` runs the same client program
   # on the same inputs: bitwise equal after 2 rounds. The vmapped programs reassociate float sums,
