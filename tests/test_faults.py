@@ -52,6 +52,37 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
   assert _resume_ok(tmp_path, 3)["resumed_from_round"] == 1
 
 
+def test_save_failing_in_the_background_is_reported_and_the_previous_checkpoint_kept(
+    tmp_path, monkeypatch):
+  """Saves are written asynchronously: a write that fails after `save` returned (here the second
+  save's, whose files never appear) is reported at the next save, naming its round."""
+  real_save, real_wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
+  calls = {"saves": 0, "failing": False}
+
+  def save(self, step, *args, **kwargs):
+    calls["saves"] += 1
+    if calls["saves"] == 2:
+      calls["failing"] = True
+      return True
+    return real_save(self, step, *args, **kwargs)
+
+  def wait(self):
+    if calls["failing"]:
+      calls["failing"] = False
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real_wait(self)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait)
+  with pytest.raises(UserError, match=r"after round 1 \(No space left.*previous checkpoint "
+                                      r"\(round 1\) is intact"):
+    train.train_and_evaluate(tiny_config(rounds=3, **{"checkpoint.every": 1}), str(tmp_path))
+  assert calls["saves"] == 2  # the run stopped at its third save, before writing it
+  monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", real_wait)
+  assert _resume_ok(tmp_path, 3)["resumed_from_round"] == 1
+
+
 @pytest.mark.parametrize("overrides", [
     {"labels.noise_rate": 1.5},
     {"labels.annotation_num": 99},
