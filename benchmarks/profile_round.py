@@ -13,10 +13,11 @@ when operations run in parallel. The optimised HLO is dumped to a temporary fold
 profile's operation names to shapes and sources (`--keep_dump=DIR` keeps it).
 
 On XLA:CPU the profiler records one event per executed HLO operation (thunk) on XLA's worker
-threads. On a GPU the events are the kernels on the device's streams, each labelled with the HLO
-operation that launched it (`hlo_op`); times are then kernel (device) time, summed per operation.
-Not yet run on a GPU: if no kernel events are recognised there, the script lists the trace's
-process and thread names instead, so that the parsing can be fixed from its output.
+threads. On a GPU the events are the kernels on the device's stream threads (named `... (Kernel)`,
+as JAX's own profiler tests find them), each labelled with the HLO operation that launched it
+(`hlo_op`); times are then kernel (device) time, summed per operation. Not yet run on a GPU: if no
+events are recognised there, the script lists the trace's process and thread names instead, so
+that the parsing can be fixed from its output.
 """
 
 from __future__ import annotations
@@ -67,29 +68,40 @@ def hlo_instructions(dump_dir: str) -> dict:
 
 
 def operation_times(trace_dir: str, backend: str) -> tuple[dict, dict]:
-  """({operation name: total µs}, {operation name: count}): on CPU the XLA worker threads'
-  events, elsewhere the device's kernels grouped by the HLO operation that launched them."""
+  """({operation name: total µs}, {operation name: count}) from the trace in `trace_dir`."""
   paths = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "perfetto_trace.json.gz"))
   if not paths:
     raise SystemExit(f"no perfetto trace under {trace_dir}")
   with gzip.open(max(paths, key=os.path.getmtime)) as f:
-    events = json.load(f)["traceEvents"]
-  threads = {e["tid"]: e["args"]["name"] for e in events
+    return trace_operation_times(json.load(f)["traceEvents"], backend)
+
+
+def trace_operation_times(events: list, backend: str) -> tuple[dict, dict]:
+  """On CPU the XLA worker threads' events; on a device (a process named `/device:...`) its
+  kernels, on the stream threads named `... (Kernel)` as the trace viewer names them (not its
+  derived "XLA Ops" / "XLA Modules" lines, which would count the same time again), grouped by
+  the HLO operation that launched them (`args.hlo_op`). Without kernel threads, every event of
+  the device's processes."""
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
   processes = {e["pid"]: e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device_pids = {pid for pid, name in processes.items() if "/device:" in name}
+  kernel_threads = {key for key, name in threads.items()
+                    if key[0] in device_pids and "Kernel" in name}
   total, count = collections.defaultdict(float), collections.Counter()
   for e in events:
     name = e.get("name", "")
     if e.get("ph") != "X":
       continue
+    thread = (e.get("pid"), e.get("tid"))
     if backend == "cpu":
-      if (not threads.get(e.get("tid"), "").startswith("tf_XLA")
+      if (not threads.get(thread, "").startswith("tf_XLA")
           or name.startswith(("$", "ThunkExecutor", "SlinkyThreadPool", "end: "))):
         continue  # Python frames, executor bookkeeping and waits: not operations
     else:
-      if "/device:" not in processes.get(e.get("pid"), ""):
-        continue  # host threads: the kernels run on the device's streams
+      if thread[0] not in device_pids or (kernel_threads and thread not in kernel_threads):
+        continue  # host threads, and the device's derived lines
       name = (e.get("args") or {}).get("hlo_op") or name
     total[name] += e.get("dur", 0.0)
     count[name] += 1

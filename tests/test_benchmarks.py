@@ -135,3 +135,23 @@ def test_profile_round_lists_the_round_s_operations_with_their_sources():
   assert lines[0].startswith("fedavg round 1 on synthetic") and "thread-s" in lines[0]
   table = "\n".join(lines[2:])
   assert "conv_general_dilated" in table and "SmallCNN" in table  # mapped to their JAX source
+
+
+def test_profile_round_counts_a_gpu_trace_s_kernels_by_hlo_operation():
+  """A trace laid out as JAX's GPU traces are (a `/device:GPU:0` process whose stream threads are
+  named `... (Kernel)`, beside derived "XLA Ops" lines that repeat the same time): only the
+  kernels count, grouped by the operation that launched them."""
+  profile_round = _benchmark("profile_round")
+  meta = lambda kind, pid, name, tid=0: {"ph": "M", "name": kind, "pid": pid, "tid": tid,  # noqa: E731
+                                         "args": {"name": name}}
+  kernel = lambda tid, op, dur: {"ph": "X", "pid": 7, "tid": tid, "name": "sm90_xmma_kernel",  # noqa: E731
+                                 "dur": dur, "args": {"hlo_op": op}}
+  events = [meta("process_name", 1, "/host:CPU"), meta("process_name", 7, "/device:GPU:0"),
+            meta("thread_name", 7, "Stream #13(Kernel)", 13), meta("thread_name", 7, "XLA Ops", 2),
+            kernel(13, "convolution.4", 30.0), kernel(13, "convolution.4", 10.0),
+            kernel(13, "fusion.2", 5.0),
+            {"ph": "X", "pid": 7, "tid": 2, "name": "convolution.4", "dur": 40.0},
+            {"ph": "X", "pid": 1, "tid": 5, "name": "PjitFunction", "dur": 900.0}]
+  total, count = profile_round.trace_operation_times(events, "gpu")
+  assert dict(total) == {"convolution.4": 40.0, "fusion.2": 5.0}
+  assert dict(count) == {"convolution.4": 2, "fusion.2": 1}
