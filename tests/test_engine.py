@@ -125,6 +125,13 @@ def test_a_program_compiled_ahead_is_the_one_its_call_runs():
   assert traces == [(6,)]  # the call ran the executable compiled ahead
   program(jnp.arange(4.0), np.float32(2.0))  # another signature: compiled at the call
   assert traces == [(6,), (4,)]
+  with jax.default_matmul_precision("highest"):  # a thread-local setting: not the same program
+    program(x, np.float32(2.0))
+    assert len(traces) == 3
+    with futures.ThreadPoolExecutor(1) as executor:  # whose thread does not see that setting
+      assert program.compile_in(executor, jnp.arange(5.0), np.float32(2.0)).result() is None
+    program(jnp.arange(5.0), np.float32(2.0))
+    assert traces[3:] == [(5,)]
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])

@@ -11,10 +11,11 @@ are already cached), through `Experiment.compile_ahead`.
 
 `AheadOfTime(fn)` is `jax.jit(fn)` plus `compile_in(executor, *args)`, which lowers and compiles
 the function for the signature of `args` (pytree structure, shapes, dtypes, weak types and
-shardings) in `executor`. A call whose arguments have that signature runs the executable compiled
-ahead, waiting for it if it is still compiling; any other call goes through `jax.jit` as usual. It
-is the same compiled program either way, so results do not depend on whether it was compiled
-ahead. A run that stops (an error, Ctrl-C) while a program compiles ahead exits once that compile
+shardings, and the caller's thread-local JAX settings, e.g. a `jax.default_matmul_precision`
+block, which the worker thread must share or it compiles nothing) in `executor`. A call with that
+signature runs the executable compiled ahead, waiting for it if it is still compiling; any other
+call goes through `jax.jit` as usual. It is the same compiled program either way, so results do
+not depend on whether it was compiled ahead. A run that stops (an error, Ctrl-C) while a program compiles ahead exits once that compile
 has finished (Python joins the worker thread at exit).
 
 Measured on the project's 2-core CPU (docs/performance.md): 20-round FedNML runs of the CPU preset,
@@ -31,11 +32,18 @@ from concurrent import futures
 
 import jax
 
+try:  # JAX's thread-local settings (`jax.default_matmul_precision(...)` blocks and the like)
+  from jax._src.config import trace_context
+except ImportError:  # a JAX that moved it: nothing is compiled ahead (see `compile_in`)
+  trace_context = None
+
 
 def signature(args) -> tuple:
-  """What an executable compiled for `args` requires of the arguments it is called with."""
+  """What an executable compiled for `args` requires of the arguments it is called with, and of
+  the thread-local JAX settings it is called under."""
   leaves, treedef = jax.tree.flatten(args)
-  return treedef, tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves)
+  return (treedef, tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves),
+          trace_context() if trace_context else None)
 
 
 class AheadOfTime:
@@ -48,16 +56,27 @@ class AheadOfTime:
 
   def compile_in(self, executor: futures.Executor, *args) -> futures.Future:
     """Starts compiling for the signature of `args` (real arrays, as the later call will pass)
-    in `executor`; returns the future of the compiled executable."""
+    in `executor`; returns the future of the compiled executable, or of None where the worker
+    thread's JAX settings differ from the caller's (thread-local settings do not pass to other
+    threads): such a call then compiles as usual."""
     key = signature(args)
+    caller_settings = key[2]
+
+    def compile_():
+      if trace_context is None or trace_context() != caller_settings:
+        return None
+      return self.jitted.lower(*args).compile()
+
     with self._lock:
       if key not in self._executables:
-        self._executables[key] = executor.submit(lambda: self.jitted.lower(*args).compile())
+        self._executables[key] = executor.submit(compile_)
       return self._executables[key]
 
   def __call__(self, *args):
     if self._executables:
       ahead = self._executables.get(signature(args))
       if ahead is not None and not ahead.cancelled():
-        return ahead.result()(*args)
+        compiled = ahead.result()
+        if compiled is not None:
+          return compiled(*args)
     return self.jitted(*args)
