@@ -562,8 +562,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       progress.update(1)
   finally:
     progress.close()
-    ckpt.close()
     compiler.shutdown(wait=False, cancel_futures=True)
+    ckpt.close()  # waits for the last save; raises if it failed
   summary = experiment.summary(history, elapsed_before + time.time() - start)
   summary["resumed_from_round"] = first_round if resume_from else None
   if primary:
