@@ -39,6 +39,7 @@ def main(argv):
   from fednml_jax import distributed, train
   from fednml_jax.errors import UserError
   import jax
+  cli.hide_library_info_logs()
   if _DISTRIBUTED.value:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("JAX %s on %s; compilation cache: %s", jax.__version__, jax.devices(),

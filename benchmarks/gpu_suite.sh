@@ -21,7 +21,8 @@
 # Several steps may go in one call (`bash benchmarks/gpu_suite.sh warm profile`, about 8 minutes)
 # while their sum stays under the call's 10 minutes and $OUT under 8 files. The machine stays warm
 # for 30 s between calls, so make them back to back; a session has 30 minutes of device time and
-# a fresh machine takes a minute or two to start. `paper`, then `long`, matter most.
+# a fresh machine takes a minute or two to start. `long` (does the whole run meet the goal now that
+# later phases compile in the background?), then `paper`, matter most.
 # Results land in $OUT (the tool brings them back); docs/performance.md says what each reports.
 set -uo pipefail  # no -e: a step cut short by its timeout still lets the next one run
 cd "$(dirname "$0")/.." || exit 1

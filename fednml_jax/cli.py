@@ -54,3 +54,17 @@ def enable_compile_cache(setting: str, workdir: str) -> str | None:
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", setting)
   return setting
+
+
+def hide_library_info_logs():
+  """Drops the INFO lines that Orbax logs through absl (a dozen per checkpoint save, which would
+  bury the progress bar and this project's own INFO lines); its warnings and errors still show.
+  Call after absl has set up its handler (inside `app.run`'s main)."""
+  import logging as std_logging  # noqa: PLC0415
+
+  from absl import logging  # noqa: PLC0415
+
+  def keep(record) -> bool:
+    return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+  logging.get_absl_handler().addFilter(keep)

@@ -322,6 +322,8 @@ class Experiment:
              if phase not in self.programs or self.programs[phase].traces == 0}
     if not later:
       return []
+    logging.info("compiling the round program of %s in the background",
+                 ", ".join(f"phase {phase!r} (from round {rnd})" for phase, rnd in later.items()))
     clients = strategies.place_clients(
         self.strategy, _device_clients(self.method, method_state, self.layout, self.image_index))
     return [self.program_for(phase).compile_in(executor, variables, self.train_images, clients,

@@ -29,6 +29,8 @@ def test_demo_compares_methods_and_prints_one_table(tmp_path):
   assert "fedavg: test" in done.stdout and "fednml: test" in done.stdout
   for method in ("fedavg", "fednml"):
     assert json.loads((tmp_path / method / "summary.json").read_text())["method"] == method
+  # The project's INFO lines show; Orbax's dozen per checkpoint save do not.
+  assert "train.py" in done.stderr and "checkpoint_manager.py" not in done.stderr
 
 
 def test_single_run_writes_the_contract_files(tmp_path):
