@@ -40,6 +40,13 @@ def _saved_rounds(workdir: str) -> list[int]:
   return sorted(int(name) for name in os.listdir(path) if name.isdigit())
 
 
+def _newest_saved_round(workdir: str):
+  """The round of the newest complete checkpoint (Orbax names a folder by its round only once the
+  save is complete), or None."""
+  rounds = _saved_rounds(workdir)
+  return rounds[-1] if rounds else None
+
+
 def config_differences(old: dict, new: dict) -> list[str]:
   """Dotted keys whose values differ between a workdir's config and a new one.
 
@@ -131,8 +138,7 @@ class Checkpointer:
     except UserError as err:
       self._failed = err
       logging.warning("%s", err)
-    rounds = _saved_rounds(self.workdir)
-    return rounds[-1] if rounds else None
+    return _newest_saved_round(self.workdir)
 
   def save(self, next_round: int, variables, method_state, host_arrays, history, seconds):
     self.finish_writing()
@@ -161,12 +167,10 @@ class Checkpointer:
       raise self._save_failed(next_round, err) from None
 
   def _save_failed(self, next_round: int, err: OSError) -> UserError:
-    rounds = _saved_rounds(self.workdir)
-    last = rounds[-1] if rounds else None
     return UserError(
         f"Could not save the checkpoint after round {next_round - 1} ({err.strerror or err}); "
-        f"the previous checkpoint (round {last}) is intact. Free disk space and rerun the same "
-        "command to resume.")
+        f"the previous checkpoint (round {_newest_saved_round(self.workdir)}) is intact. Free "
+        "disk space and rerun the same command to resume.")
 
   def restore(self, variables, method_state, host_arrays):
     """(next_round, variables, method_state, history, seconds), or None when there is none."""

@@ -324,12 +324,20 @@ class Experiment:
       return []
     logging.info("compiling the round program of %s in the background",
                  ", ".join(f"phase {phase!r} (from round {rnd})" for phase, rnd in later.items()))
-    clients = strategies.place_clients(
-        self.strategy, _device_clients(self.method, method_state, self.layout, self.image_index))
+    clients = self.placed_clients(method_state)
     return [self.program_for(phase).compile_in(executor, variables, self.train_images, clients,
                                                self.round_scalars(rnd, method_state),
                                                self.round_key(rnd))
             for phase, rnd in later.items()]
+
+  def placed_clients(self, method_state):
+    """The device copy of the method's client arrays for `method_state`, placed once and reused
+    until the method changes them (`before_round` / `after_round` report it)."""
+    if self._clients is None:
+      self._clients = strategies.place_clients(
+          self.strategy, _device_clients(self.method, method_state, self.layout,
+                                         self.image_index))
+    return self._clients
 
   # The round key and the method's scalars go in as host values: every process passes the same.
   def round_key(self, rnd: int) -> np.ndarray:
@@ -364,12 +372,11 @@ class Experiment:
     method_state, changed, host_log = self.method.before_round(ctx, method_state)
     if host_log:
       records.append({"round": rnd, "split": "train", "kind": "refinement", **host_log})
-    if self._clients is None or changed:
-      self._clients = strategies.place_clients(
-          self.strategy, _device_clients(self.method, method_state, self.layout,
-                                         self.image_index))
+    if changed:
+      self._clients = None
     return RoundInputs(round=rnd, phase=self.method.phase(rnd), method_state=method_state,
-                       clients=self._clients, scalars=self.round_scalars(rnd, method_state),
+                       clients=self.placed_clients(method_state),
+                       scalars=self.round_scalars(rnd, method_state),
                        round_key=self.round_key(rnd), records=records)
 
   def finish_round(self, inputs: "RoundInputs", outputs):
