@@ -5,6 +5,7 @@ r"""Sweeps: every (setting, method, seed) run of a grid, resumable, tabulated li
       --config.methods=fedavg,fednml --config.seeds=0,1 --config.base.rounds=20
   python -m fednml_jax.sweep --config=configs/sweeps/rfmid_cpu.py --workdir=runs/sweep_rfmid_cpu \
       --table_only
+  python -m fednml_jax.sweep --config=configs/sweeps/mured.py --workdir=runs/sweep_mured --workers=8
 
 A sweep config file's `get_config()` returns `sweep_config(...)`, whose fields are:
 - `base`: a full run config (`fednml_jax.config`, e.g. `cpu_setting(...)`, `paper_setting(...)`);
@@ -24,7 +25,9 @@ that changes results) is refused rather than mixed into the table. Finished runs
 present) are skipped, unfinished ones resume from their last checkpoint, so rerunning the command
 after Ctrl-C or a crash continues where it stopped. A run that fails with a `UserError` (e.g. a NaN
 loss) is reported and the sweep goes on; the command then exits with status 1 after listing the
-failed runs. Input errors exit with status 2 and one paragraph, never a traceback.
+failed runs. Input errors exit with status 2 and one paragraph, never a traceback. The runs go one
+after another in this process, or `--workers=N` at a time in worker processes with one GPU each
+(`fednml_jax.sweep_workers`).
 
 Writes `WORKDIR/table.md` (the command, then rows = methods, blocks = settings, columns mAP, F1,
 Recall, BAcc: mean ± std over seeds of `test_at_best_val`, the best mean per column in bold,
@@ -35,6 +38,7 @@ anything (and without comparing their configs).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -312,41 +316,73 @@ def write_tables(sweep, workdir: str, command: str, grid: Grid | None = None) ->
   return text
 
 
-def run_sweep(sweep, workdir: str, command: str) -> SweepOutcome:
-  """Runs every unfinished run of the sweep in order (see the module docstring), then writes the
-  tables. Progress goes to stderr. Ctrl-C stops the sweep (finished runs stay on disk, the current
-  one resumes from its last checkpoint next time) after writing the tables of what finished."""
+def _run_here(todo, started):
+  """Runs `todo` ((index, PlannedRun) pairs) one after another in this process; yields (index,
+  run, summary, error) like `sweep_workers.run_in_workers`. Errors other than `UserError` stop
+  the sweep."""
   from fednml_jax import train  # noqa: PLC0415  (imports JAX)
+  for index, run in todo:
+    started(index, run, "")
+    try:
+      summary = train.train_and_evaluate(run.config, run.workdir)
+    except UserError as err:
+      yield index, run, None, str(err)
+      continue
+    yield index, run, summary, None
+
+
+def run_sweep(sweep, workdir: str, command: str, workers: int = 1,
+              compile_cache: str | None = None) -> SweepOutcome:
+  """Runs every unfinished run of the sweep, then writes the tables. `workers` = 1: one after
+  another in this process; more: that many at a time, each worker process on its own GPU
+  (`sweep_workers`). `compile_cache`: the runs' persistent compilation cache
+  (`cli.enable_compile_cache`; None leaves JAX's settings as they are). Progress goes to stderr.
+  Ctrl-C stops the sweep (finished runs stay on disk, the current ones resume from their last
+  checkpoints next time) after writing the tables of what finished."""
+  from fednml_jax import sweep_workers, train  # noqa: PLC0415  (imports JAX; starts no backend)
   grid, runs = plan(sweep, workdir)
   train.prepare_workdir(workdir)
+  if compile_cache is not None:
+    cli.enable_compile_cache(compile_cache, workdir)
   counts = {s: sum(r.status == s for r in runs) for s in ("finished", "resume", "start")}
   _log(f"sweep: {len(runs)} runs ({len(grid.settings)} settings × {len(grid.methods)} methods × "
        f"{len(grid.seeds)} seeds) in {workdir}: {counts['finished']} finished earlier, "
-       f"{counts['resume']} to resume, {counts['start']} to start")
+       f"{counts['resume']} to resume, {counts['start']} to start"
+       + (f"; {workers} worker processes" if workers > 1 else ""))
   start = time.time()
+  tag = lambda index, run: f"[{index}/{len(runs)}] {run.name}"  # noqa: E731
+  todo = []
+  for index, run in enumerate(runs, 1):
+    if run.status == "finished":
+      _log(f"{tag(index, run)}: finished earlier, skipped")
+    else:
+      todo.append((index, run))
+
+  def started(index, run, where):
+    what = (f"resuming from the checkpoint after round {run.checkpoint_round}"
+            if run.status == "resume" else "starting")
+    _log(f"{tag(index, run)}: {what}{where}")
+
+  if workers > 1 and todo:
+    results = sweep_workers.run_in_workers(todo, workers, started, _log, compile_cache, workdir)
+  else:
+    results = _run_here(todo, started)
   failed, ran = [], 0
   try:
-    for index, run in enumerate(runs, 1):
-      tag = f"[{index}/{len(runs)}] {run.name}"
-      if run.status == "finished":
-        _log(f"{tag}: finished earlier, skipped")
-        continue
-      _log(f"{tag}: " + (f"resuming from the checkpoint after round {run.checkpoint_round}"
-                         if run.status == "resume" else "starting"))
-      try:
-        summary = train.train_and_evaluate(run.config, run.workdir)
-      except UserError as err:
-        failed.append((run.name, str(err)))
-        _log(f"{tag}: FAILED: {err}")
-        continue
-      ran += 1
-      best = summary["test_at_best_val"] or {}
-      _log(f"{tag}: done in {summary['seconds']:.0f} s, test mAP {best.get('mAP', float('nan')):.3f} "
-           f"at the best validation round ({summary['best_val_round']}); sweep elapsed "
-           f"{_hms(time.time() - start)}")
+    with contextlib.closing(results):
+      for index, run, summary, error in results:
+        if error is not None:
+          failed.append((run.name, error))
+          _log(f"{tag(index, run)}: FAILED: {error}")
+          continue
+        ran += 1
+        best = summary["test_at_best_val"] or {}
+        _log(f"{tag(index, run)}: done in {summary['seconds']:.0f} s, test mAP "
+             f"{best.get('mAP', float('nan')):.3f} at the best validation round "
+             f"({summary['best_val_round']}); sweep elapsed {_hms(time.time() - start)}")
   except KeyboardInterrupt:
-    _log(f"\nsweep interrupted after {_hms(time.time() - start)}: finished runs are on disk and the "
-         "interrupted one resumes from its last checkpoint; rerun the same command to continue.")
+    _log(f"\nsweep interrupted after {_hms(time.time() - start)}: finished runs are on disk and "
+         "the interrupted ones resume from their last checkpoints; rerun the same command to continue.")
     write_tables(sweep, workdir, command, grid)
     raise
   table = write_tables(sweep, workdir, command, grid)
@@ -368,6 +404,10 @@ def _main_cli():
   table_only_flag = flags.DEFINE_bool("table_only", False, "Only rebuild table.md and table.csv "
                                       "from the finished runs on disk.")
   compile_cache_flag = cli.define_compile_cache_flag()
+  workers_flag = flags.DEFINE_integer(
+      "workers", 1, "How many runs go at a time: 1 runs them one after another in this process; "
+      "N > 1 starts N worker processes, worker i on the i-th GPU of CUDA_VISIBLE_DEVICES (GPU "
+      "i - 1 when unset), and hands each the next unfinished run as it frees up.", lower_bound=1)
   flags.mark_flags_as_required(["config", "workdir"])
 
   def main(argv):
@@ -381,14 +421,15 @@ def _main_cli():
       if table_only_flag.value:
         print(write_tables(sweep_flag.value, workdir_flag.value, command))
         return
-      cli.enable_compile_cache(compile_cache_flag.value, workdir_flag.value)
-      outcome = run_sweep(sweep_flag.value, workdir_flag.value, command)
+      outcome = run_sweep(sweep_flag.value, workdir_flag.value, command,
+                          workers=workers_flag.value, compile_cache=compile_cache_flag.value)
     except UserError as err:
       print(f"\nerror: {err}", file=sys.stderr)
       sys.exit(2)
     except KeyboardInterrupt:
-      # Everything is on disk (checkpoints are saved synchronously, the tables were written);
-      # skipping the interpreter's teardown avoids a crash in JAX's threads after an interrupt.
+      # Everything is on disk (the interrupted runs waited for their checkpoint writes, the
+      # tables were written); skipping the interpreter's teardown avoids a crash in JAX's threads
+      # after an interrupt.
       sys.stdout.flush()
       sys.stderr.flush()
       os._exit(130)
@@ -402,7 +443,8 @@ def _main_cli():
 
   app.run(main, flags_parser=cli.flags_parser(
       "python -m fednml_jax.sweep --config=configs/sweeps/NAME.py --workdir=DIR [--table_only] "
-      "[--compile_cache=auto|none|DIR] [--config.KEY=VALUE ...]", "the sweep configs are in configs/sweeps/"))
+      "[--compile_cache=auto|none|DIR] [--workers=N] [--config.KEY=VALUE ...]",
+      "the sweep configs are in configs/sweeps/"))
 
 
 if __name__ == "__main__":

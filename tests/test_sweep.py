@@ -6,8 +6,11 @@ import io
 import json
 import os
 import pathlib
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -224,6 +227,104 @@ def test_failed_run_is_reported_and_the_sweep_continues(tmp_path, monkeypatch, c
   assert table_rows(outcome.table)["fedprox"][:4] == ["—"] * 4
 
 
+def test_workers_run_the_grid_as_one_process_does_and_a_killed_worker_fails_only_its_run(
+    finished_sweep, tmp_path, monkeypatch):
+  """`workers=2` runs the same grid in two spawned processes: the same metrics as the sweep run in
+  this process (`finished_sweep`), bit for bit. The worker handed the first run is killed at once
+  (SIGKILL, as the kernel's out-of-memory killer does): that run fails, a fresh worker takes its
+  place, the other runs finish, and the next invocation runs the failed one."""
+  lines = []
+
+  def log(line):
+    lines.append(line)
+    print(line, file=sys.stderr)
+    if "starting in worker" in line and not any("KILLED" in x for x in lines):
+      pid = int(re.search(r"\(pid (\d+)\)", line).group(1))
+      os.kill(pid, signal.SIGKILL)
+      lines.append(f"KILLED {pid}")
+
+  monkeypatch.setattr(sweep, "_log", log)
+  workdir = tmp_path / "workers"
+  outcome = sweep.run_sweep(tiny_sweep(), str(workdir), "workers", workers=2)
+  assert (outcome.ran, len(outcome.failed)) == (3, 1)
+  name, message = outcome.failed[0]
+  assert name == "noise20_ann7/fedavg/seed0"
+  assert re.fullmatch(r"its worker process \(pid \d+\) was killed by SIGKILL \(out of host "
+                      r"memory\?\) during the run; rerun the sweep to resume it from its last "
+                      r"checkpoint", message)
+  ready = [line for line in lines if re.match(r"worker \d \(pid \d+\): 2 cpu device", line)]
+  assert len(ready) == 3  # workers 1 and 2, then the replacement of the killed one
+  assert any(re.search(r"noise40_ann5/fedprox/seed0: starting in worker [12] \(pid", line)
+             for line in lines)
+  again = sweep.run_sweep(tiny_sweep(), str(workdir), "again", workers=2)
+  assert (again.skipped, again.ran, again.failed) == (3, 1, [])
+
+  reference, _ = finished_sweep
+  for setting, _ in TINY_SETTINGS:
+    for method in ("fedavg", "fedprox"):
+      run = pathlib.Path(setting, method, "seed0", "summary.json")
+      ours, theirs = (json.loads((root / run).read_text()) for root in (workdir, reference))
+      assert ours["test_at_best_val"] == theirs["test_at_best_val"], run
+      assert ours["best_val_round"] == theirs["best_val_round"]
+
+
+def test_ctrl_c_stops_the_workers_after_their_checkpoints_and_exits_130(tmp_path):
+  """Ctrl-C (SIGINT to the terminal's process group) during a `--workers=2` sweep: both workers'
+  runs stop with complete checkpoints (no half-written one), the workers exit, the tables are
+  written, exit code 130; the next invocation resumes both runs."""
+  config_file = tmp_path / "long_sweep.py"
+  config_file.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+      "from conftest import tiny_config\n"
+      "from test_sweep import tiny_sweep\n\n\n"
+      "def get_config():\n"
+      "  return tiny_sweep(base=tiny_config(**{'checkpoint.every': 1, 'rounds': 1000}))\n")
+  workdir = tmp_path / "w"
+  args = [sys.executable, "-m", "fednml_jax.sweep", f"--config={config_file}",
+          f"--workdir={workdir}", "--workers=2"]
+  # A shell's background job (as in CI) starts with SIGINT ignored, and so would the sweep: undo
+  # that before exec'ing it (a preexec_fn would fork this multithreaded JAX process).
+  restore_sigint = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                    "os.execv(sys.executable, sys.argv[1:])")
+  env = dict(os.environ, FEDNML_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, "-c", restore_sigint, *args], cwd=REPO, env=env,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+  runs = [workdir / "noise20_ann7" / method / "seed0" / "checkpoints"
+          for method in ("fedavg", "fedprox")]
+  try:
+    deadline = time.time() + 120
+    while not all(run.is_dir() and any(run.iterdir()) for run in runs):
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+      time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:  # leave no process behind when the test fails
+      os.killpg(proc.pid, signal.SIGKILL)
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err and "sweep interrupted after" in err
+  for pid in re.findall(r"worker \d \(pid (\d+)\)", err):
+    with pytest.raises(ProcessLookupError):
+      os.kill(int(pid), 0)
+  for run in runs:
+    assert not list(run.glob("*tmp*")) and not (run.parent / "summary.json").exists()
+  assert "0 of 4 runs finished" in (workdir / "table.md").read_text()
+  _, planned = sweep.plan(tiny_sweep(base=tiny_config(**{"checkpoint.every": 1, "rounds": 1000})),
+                          str(workdir))
+  assert [r.status for r in planned] == ["resume", "resume", "start", "start"]
+
+
+def test_each_worker_gets_one_visible_gpu(monkeypatch):
+  from fednml_jax import sweep_workers
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+  assert sweep_workers.worker_devices(3) == ["0", "1", "2"]
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5")
+  assert sweep_workers.worker_devices(2) == ["3", "5"]
+  with pytest.raises(ConfigError, match=r"--workers=3 .*'3, 5' makes 2 visible: use --workers=2"):
+    sweep_workers.worker_devices(3)
+
+
 # Errors and config resolution -------------------------------------------------------------------
 
 def test_unknown_methods_exit_2_with_one_paragraph(tmp_path):
@@ -235,6 +336,9 @@ def test_unknown_methods_exit_2_with_one_paragraph(tmp_path):
   from fednml_jax.methods import METHODS
   assert "Valid methods are " + ", ".join(sorted(METHODS)) in done.stderr
   assert not (tmp_path / "w").exists()
+  done = run_cli([f"--config={config_file}", f"--workdir={tmp_path / 'w'}", "--workers=0"])
+  assert done.returncode == 2 and "Traceback" not in done.stderr
+  assert "error: bad command line: flag --workers=0: 0 is not a positive integer" in done.stderr
 
 
 def test_bad_settings_are_refused_before_running(tmp_path):

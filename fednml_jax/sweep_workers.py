@@ -1,0 +1,189 @@
+"""A sweep's runs in worker processes, one run at a time per worker and one GPU per worker
+(`python -m fednml_jax.sweep --workers=N`).
+
+Worker `i` (1-based) is a fresh Python process (the `spawn` start method) that sees one GPU: the
+`i`-th entry of the parent's `CUDA_VISIBLE_DEVICES`, or GPU `i − 1` when that variable is unset.
+It runs `train.train_and_evaluate` on each run the parent sends it and answers with the run's
+summary or its error; the parent hands the next run of the sweep to whichever worker is free, so
+runs of different lengths keep every GPU busy. The parent never starts a JAX backend (it would take
+GPU memory the workers need). On a machine without GPUs the workers share the CPU cores; that pays
+only where one run leaves cores idle (see docs/performance.md).
+
+Failures stay per run, as in a sweep run in one process: a `UserError` fails its run; an unexpected
+exception fails its run with the traceback printed; a worker that dies (killed, out of memory)
+fails its run, which resumes from its last checkpoint the next time the sweep is run, and a fresh
+worker takes its place. Ctrl-C reaches the workers too: each saves what its run's checkpointer
+holds and exits, and the parent waits for them before it writes the tables.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import traceback
+from multiprocessing import connection
+
+from fednml_jax.errors import ConfigError, UserError
+
+DEVICE_VARIABLE = "CUDA_VISIBLE_DEVICES"
+SHUTDOWN_SECONDS = 120.0  # how long the parent waits for a worker to finish its checkpoint writes
+
+
+def worker_devices(workers: int) -> list[str]:
+  """The `CUDA_VISIBLE_DEVICES` value of each worker: one GPU each."""
+  visible = os.environ.get(DEVICE_VARIABLE)
+  if visible is None:
+    return [str(i) for i in range(workers)]
+  ids = [d.strip() for d in visible.split(",") if d.strip()]
+  if len(ids) < workers:
+    raise ConfigError(
+        f"--workers={workers} asks for one GPU per worker, but {DEVICE_VARIABLE}={visible!r} "
+        f"makes {len(ids)} visible: use --workers={max(len(ids), 1)} or show more GPUs.")
+  return ids[:workers]
+
+
+def serve(conn, compile_cache: str | None, cache_workdir: str) -> None:
+  """A worker's main loop: (index, workdir, config) in; ("done", index, summary),
+  ("failed", index, message) or ("crashed", index, traceback) out; None ends it."""
+  os.environ["FEDNML_NO_PROGRESS"] = "1"  # N progress bars on one terminal would be unreadable
+  try:
+    import jax  # noqa: PLC0415
+
+    from fednml_jax import cli, train  # noqa: PLC0415
+    if compile_cache is not None:
+      cli.enable_compile_cache(compile_cache, cache_workdir)
+    devices = jax.devices()
+    conn.send(("ready", jax.default_backend(), devices[0].device_kind, len(devices)))
+    while (job := conn.recv()) is not None:
+      index, workdir, config = job
+      try:
+        reply = ("done", index, train.train_and_evaluate(config, workdir))
+      except UserError as err:
+        reply = ("failed", index, str(err))
+      except Exception:  # noqa: BLE001  (a bug fails its run; the other workers go on)
+        reply = ("crashed", index, traceback.format_exc())
+      conn.send(reply)
+  except (KeyboardInterrupt, EOFError, BrokenPipeError):
+    return  # Ctrl-C (the run has closed its checkpointer) or the parent went away
+
+
+class _Worker:
+  """The parent's handle on one worker process: its pipe and the run it is busy with."""
+
+  def __init__(self, context, number: int, device: str, compile_cache, cache_workdir):
+    self.number, self.device = number, device
+    self.conn, child_conn = context.Pipe()
+    before = os.environ.get(DEVICE_VARIABLE)
+    os.environ[DEVICE_VARIABLE] = device  # the spawned interpreter inherits the environment
+    try:
+      self.process = context.Process(target=serve, args=(child_conn, compile_cache, cache_workdir),
+                                     name=f"sweep-worker-{number}")
+      self.process.start()
+    finally:
+      if before is None:
+        del os.environ[DEVICE_VARIABLE]
+      else:
+        os.environ[DEVICE_VARIABLE] = before
+    child_conn.close()
+    self.ready = False
+    self.job = None  # (index, run) while it trains
+
+  def receive(self):
+    """The worker's next message, or None when it has exited (its pipe closed)."""
+    try:
+      return self.conn.recv()
+    except (EOFError, OSError):
+      self.process.join()
+      return None
+
+  def exit_reason(self) -> str:
+    code = self.process.exitcode
+    if code is not None and code < 0:
+      name = signal.Signals(-code).name
+      hint = " (out of host memory?)" if name == "SIGKILL" else ""
+      return f"was killed by {name}{hint}"
+    return f"exited with code {code}"
+
+
+def run_in_workers(todo, workers: int, started, log, compile_cache: str | None, cache_workdir: str):
+  """Runs `todo` ((index, PlannedRun) pairs) in `workers` processes; yields (index, run, summary,
+  error) as runs end, `summary` None when the run failed and `error` its message. `started(index,
+  run, where)` is called as a run is handed out, `log(line)` for the workers' own news."""
+  context = multiprocessing.get_context("spawn")
+  queue = list(todo)
+  devices = worker_devices(min(workers, len(queue)))
+  pool = [_Worker(context, n, device, compile_cache, cache_workdir)
+          for n, device in enumerate(devices, 1)]
+  backend = None
+  try:
+    while queue or any(w.job is not None for w in pool):
+      for w in pool:
+        if w.ready and w.job is None and queue:
+          w.job = queue.pop(0)
+          index, run = w.job
+          started(index, run, f" in worker {w.number} (pid {w.process.pid})")
+          w.conn.send((index, run.workdir, run.config))
+      ready = connection.wait([w.conn for w in pool])
+      for slot, w in enumerate(pool):
+        if w.conn not in ready:
+          continue
+        message = w.receive()
+        if message is None:
+          if not w.ready:
+            raise UserError(f"Sweep worker {w.number} ({DEVICE_VARIABLE}={w.device}) "
+                            f"{w.exit_reason()} before it was ready; its error is printed above.")
+          if w.job is not None:
+            index, run = w.job
+            yield index, run, None, (
+                f"its worker process (pid {w.process.pid}) {w.exit_reason()} during the run; "
+                "rerun the sweep to resume it from its last checkpoint")
+          pool[slot] = _Worker(context, w.number, w.device, compile_cache, cache_workdir)
+        elif message[0] == "ready":
+          _, name, kind, count = message
+          if backend is None:
+            backend = name
+          elif name != backend:
+            raise ConfigError(
+                f"Sweep worker {w.number} ({DEVICE_VARIABLE}={w.device}) runs on {name} while "
+                f"an earlier worker runs on {backend}: each worker needs a GPU of its own, and "
+                f"this machine has fewer than --workers={workers} (or other accelerators, which "
+                "--workers cannot split: use --workers=1).")
+          where = f", {DEVICE_VARIABLE}={w.device}" if name == "gpu" else ""
+          log(f"worker {w.number} (pid {w.process.pid}{where}): {count} {name} device(s), {kind}")
+          w.ready = True
+        else:
+          kind, index, payload = message
+          job, w.job = w.job, None
+          if kind == "done":
+            yield index, job[1], payload, None
+          elif kind == "failed":
+            yield index, job[1], None, payload
+          else:
+            log(payload.rstrip())
+            yield index, job[1], None, f"crashed: {payload.strip().splitlines()[-1]}"
+  except BaseException as err:
+    if not isinstance(err, KeyboardInterrupt):  # Ctrl-C reached the workers already
+      for w in pool:  # stop the runs still going; each saves its checkpoint on the way out
+        if w.job is not None and w.process.is_alive():
+          os.kill(w.process.pid, signal.SIGINT)
+    raise
+  finally:
+    _shut_down(pool)
+
+
+def _shut_down(pool) -> None:
+  for w in pool:
+    try:
+      w.conn.send(None)
+    except (OSError, ValueError):
+      pass  # already gone
+  for w in pool:
+    w.process.join(SHUTDOWN_SECONDS)
+    if w.process.is_alive():
+      print(f"sweep worker {w.number} (pid {w.process.pid}) did not stop within "
+            f"{SHUTDOWN_SECONDS:.0f} s; terminating it", file=sys.stderr)
+      w.process.terminate()
+      w.process.join()
+    w.conn.close()
