@@ -232,7 +232,8 @@ def test_workers_run_the_grid_as_one_process_does_and_a_killed_worker_fails_only
   """`workers=2` runs the same grid in two spawned processes: the same metrics as the sweep run in
   this process (`finished_sweep`), bit for bit. The worker handed the first run is killed at once
   (SIGKILL, as the kernel's out-of-memory killer does): that run fails, a fresh worker takes its
-  place, the other runs finish, and the next invocation runs the failed one."""
+  place, the other runs finish, and the next invocation runs the failed one. A third setting's runs
+  fail in their worker with a `UserError` (more clients than images): reported, the sweep goes on."""
   lines = []
 
   def log(line):
@@ -245,19 +246,22 @@ def test_workers_run_the_grid_as_one_process_does_and_a_killed_worker_fails_only
 
   monkeypatch.setattr(sweep, "_log", log)
   workdir = tmp_path / "workers"
-  outcome = sweep.run_sweep(tiny_sweep(), str(workdir), "workers", workers=2)
-  assert (outcome.ran, len(outcome.failed)) == (3, 1)
-  name, message = outcome.failed[0]
-  assert name == "noise20_ann7/fedavg/seed0"
+  grid = tiny_sweep(settings=TINY_SETTINGS + (("too_many_clients", {"fl.num_clients": 1000}),))
+  outcome = sweep.run_sweep(grid, str(workdir), "workers", workers=2)
+  assert (outcome.ran, len(outcome.failed)) == (3, 3)
+  failed = dict(outcome.failed)
   assert re.fullmatch(r"its worker process \(pid \d+\) was killed by SIGKILL \(out of host "
                       r"memory\?\) during the run; rerun the sweep to resume it from its last "
-                      r"checkpoint", message)
+                      r"checkpoint", failed.pop("noise20_ann7/fedavg/seed0"))
+  assert failed == {f"too_many_clients/{m}/seed0": "config.fl.num_clients = 1000 exceeds the 160 "
+                    "training samples of digit_mosaics; every client needs at least one."
+                    for m in ("fedavg", "fedprox")}
   ready = [line for line in lines if re.match(r"worker \d \(pid \d+\): 2 cpu device", line)]
   assert len(ready) == 3  # workers 1 and 2, then the replacement of the killed one
   assert any(re.search(r"noise40_ann5/fedprox/seed0: starting in worker [12] \(pid", line)
              for line in lines)
   again = sweep.run_sweep(tiny_sweep(), str(workdir), "again", workers=2)
-  assert (again.skipped, again.ran, again.failed) == (3, 1, [])
+  assert (again.skipped, again.ran, again.failed) == (3, 1, [])  # the first two settings
 
   reference, _ = finished_sweep
   for setting, _ in TINY_SETTINGS:
