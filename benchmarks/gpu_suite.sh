@@ -81,9 +81,10 @@ case "$step" in
     ;;
   sweep)
     # Resumable: rerun the step while the machine is warm (its checkout keeps runs/).
+    # Four workers share the GPU (SmallCNN runs leave it mostly idle); WORKERS=1 for one at a time.
     python3 -m fednml_jax.sweep --config=configs/sweeps/rfmid_cpu.py \
       --workdir=runs/sweep_rfmid_gpu --config.base.data.path=.data/rfmid_dev_64px.npz \
-      2>&1 | tee "$OUT/sweep.log" || true
+      --workers="${WORKERS:-4}" --workers_per_gpu="${WORKERS:-4}" 2>&1 | tee "$OUT/sweep.log" || true
     tar czf "$OUT/sweep_rfmid_gpu.tgz" --exclude=checkpoints --exclude=xla_cache \
       runs/sweep_rfmid_gpu
     ;;

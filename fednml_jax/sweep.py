@@ -6,6 +6,8 @@ r"""Sweeps: every (setting, method, seed) run of a grid, resumable, tabulated li
   python -m fednml_jax.sweep --config=configs/sweeps/rfmid_cpu.py --workdir=runs/sweep_rfmid_cpu \
       --table_only
   python -m fednml_jax.sweep --config=configs/sweeps/mured.py --workdir=runs/sweep_mured --workers=8
+  python -m fednml_jax.sweep --config=configs/sweeps/rfmid_cpu.py --workdir=runs/sweep_rfmid_gpu \
+      --workers=4 --workers_per_gpu=4
 
 A sweep config file's `get_config()` returns `sweep_config(...)`, whose fields are:
 - `base`: a full run config (`fednml_jax.config`, e.g. `cpu_setting(...)`, `paper_setting(...)`);
@@ -26,8 +28,8 @@ present) are skipped, unfinished ones resume from their last checkpoint, so reru
 after Ctrl-C or a crash continues where it stopped. A run that fails with a `UserError` (e.g. a NaN
 loss) is reported and the sweep goes on; the command then exits with status 1 after listing the
 failed runs. Input errors exit with status 2 and one paragraph, never a traceback. The runs go one
-after another in this process, or `--workers=N` at a time in worker processes with one GPU each
-(`fednml_jax.sweep_workers`).
+after another in this process, or `--workers=N` at a time in worker processes, one GPU each or
+`--workers_per_gpu=K` to a GPU (`fednml_jax.sweep_workers`).
 
 Writes `WORKDIR/table.md` (the command, then rows = methods, blocks = settings, columns mAP, F1,
 Recall, BAcc: mean ± std over seeds of `test_at_best_val`, the best mean per column in bold,
@@ -331,11 +333,11 @@ def _run_here(todo, started):
     yield index, run, summary, None
 
 
-def run_sweep(sweep, workdir: str, command: str, workers: int = 1,
+def run_sweep(sweep, workdir: str, command: str, workers: int = 1, workers_per_gpu: int = 1,
               compile_cache: str | None = None) -> SweepOutcome:
   """Runs every unfinished run of the sweep, then writes the tables. `workers` = 1: one after
-  another in this process; more: that many at a time, each worker process on its own GPU
-  (`sweep_workers`). `compile_cache`: the runs' persistent compilation cache
+  another in this process; more: that many at a time in worker processes, `workers_per_gpu` of
+  them on each GPU (`sweep_workers`). `compile_cache`: the runs' persistent compilation cache
   (`cli.enable_compile_cache`; None leaves JAX's settings as they are). Progress goes to stderr.
   Ctrl-C stops the sweep (finished runs stay on disk, the current ones resume from their last
   checkpoints next time) after writing the tables of what finished."""
@@ -364,7 +366,8 @@ def run_sweep(sweep, workdir: str, command: str, workers: int = 1,
     _log(f"{tag(index, run)}: {what}{where}")
 
   if workers > 1 and todo:
-    results = sweep_workers.run_in_workers(todo, workers, started, _log, compile_cache, workdir)
+    results = sweep_workers.run_in_workers(todo, workers, workers_per_gpu, started, _log,
+                                           compile_cache, workdir)
   else:
     results = _run_here(todo, started)
   failed, ran = [], 0
@@ -382,7 +385,8 @@ def run_sweep(sweep, workdir: str, command: str, workers: int = 1,
              f"({summary['best_val_round']}); sweep elapsed {_hms(time.time() - start)}")
   except KeyboardInterrupt:
     _log(f"\nsweep interrupted after {_hms(time.time() - start)}: finished runs are on disk and "
-         "the interrupted ones resume from their last checkpoints; rerun the same command to continue.")
+         "the interrupted ones resume from their last checkpoints; rerun the same command to "
+         "continue.")
     write_tables(sweep, workdir, command, grid)
     raise
   table = write_tables(sweep, workdir, command, grid)
@@ -408,6 +412,9 @@ def _main_cli():
       "workers", 1, "How many runs go at a time: 1 runs them one after another in this process; "
       "N > 1 starts N worker processes, worker i on the i-th GPU of CUDA_VISIBLE_DEVICES (GPU "
       "i - 1 when unset), and hands each the next unfinished run as it frees up.", lower_bound=1)
+  per_gpu_flag = flags.DEFINE_integer(
+      "workers_per_gpu", 1, "With --workers=N: how many workers share one GPU (each then takes "
+      "0.9/K of its memory), for models too small to keep a GPU busy.", lower_bound=1)
   flags.mark_flags_as_required(["config", "workdir"])
 
   def main(argv):
@@ -422,7 +429,8 @@ def _main_cli():
         print(write_tables(sweep_flag.value, workdir_flag.value, command))
         return
       outcome = run_sweep(sweep_flag.value, workdir_flag.value, command,
-                          workers=workers_flag.value, compile_cache=compile_cache_flag.value)
+                          workers=workers_flag.value, workers_per_gpu=per_gpu_flag.value,
+                          compile_cache=compile_cache_flag.value)
     except UserError as err:
       print(f"\nerror: {err}", file=sys.stderr)
       sys.exit(2)
@@ -443,7 +451,8 @@ def _main_cli():
 
   app.run(main, flags_parser=cli.flags_parser(
       "python -m fednml_jax.sweep --config=configs/sweeps/NAME.py --workdir=DIR [--table_only] "
-      "[--compile_cache=auto|none|DIR] [--workers=N] [--config.KEY=VALUE ...]",
+      "[--compile_cache=auto|none|DIR] [--workers=N [--workers_per_gpu=K]] "
+      "[--config.KEY=VALUE ...]",
       "the sweep configs are in configs/sweeps/"))
 
 

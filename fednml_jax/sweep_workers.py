@@ -1,12 +1,15 @@
-"""A sweep's runs in worker processes, one run at a time per worker and one GPU per worker
-(`python -m fednml_jax.sweep --workers=N`).
+"""A sweep's runs in worker processes, one run at a time per worker, each worker on one GPU
+(`python -m fednml_jax.sweep --workers=N [--workers_per_gpu=K]`).
 
-Worker `i` (1-based) is a fresh Python process (the `spawn` start method) that sees one GPU: the
-`i`-th entry of the parent's `CUDA_VISIBLE_DEVICES`, or GPU `i − 1` when that variable is unset.
-It runs `train.train_and_evaluate` on each run the parent sends it and answers with the run's
-summary or its error; the parent hands the next run of the sweep to whichever worker is free, so
-runs of different lengths keep every GPU busy. The parent never starts a JAX backend (it would take
-GPU memory the workers need). On a machine without GPUs the workers share the CPU cores; that pays
+Worker `i` (1-based) is a fresh Python process (the `spawn` start method) that sees one GPU: with
+K = 1 the `i`-th entry of the parent's `CUDA_VISIBLE_DEVICES` (GPU `i − 1` when that variable is
+unset); with K > 1, workers 1..K share the first GPU, K+1..2K the second, and so on, each then
+taking 0.9/K of its GPU's memory (`XLA_PYTHON_CLIENT_MEM_FRACTION`, unless the user set it) where
+JAX alone would take 75%: for models too small to keep a GPU busy. It runs
+`train.train_and_evaluate` on each run the parent sends it and answers with the run's summary or
+its error; the parent hands the next run of the sweep to whichever worker is free, so runs of
+different lengths keep every GPU busy. The parent never starts a JAX backend (it would take GPU
+memory the workers need). On a machine without GPUs the workers share the CPU cores; that pays
 only where one run leaves cores idle (see docs/performance.md).
 
 Failures stay per run, as in a sweep run in one process: a `UserError` fails its run; an unexpected
@@ -31,17 +34,28 @@ DEVICE_VARIABLE = "CUDA_VISIBLE_DEVICES"
 SHUTDOWN_SECONDS = 120.0  # how long the parent waits for a worker to finish its checkpoint writes
 
 
-def worker_devices(workers: int) -> list[str]:
-  """The `CUDA_VISIBLE_DEVICES` value of each worker: one GPU each."""
+def worker_devices(workers: int, per_gpu: int = 1) -> list[str]:
+  """The `CUDA_VISIBLE_DEVICES` value of each worker: workers 1..per_gpu share the first GPU, the
+  next per_gpu the second, and so on."""
+  gpus_needed = -(-workers // per_gpu)
   visible = os.environ.get(DEVICE_VARIABLE)
-  if visible is None:
-    return [str(i) for i in range(workers)]
-  ids = [d.strip() for d in visible.split(",") if d.strip()]
-  if len(ids) < workers:
+  ids = ([str(i) for i in range(gpus_needed)] if visible is None
+         else [d.strip() for d in visible.split(",") if d.strip()])
+  if len(ids) < gpus_needed:
     raise ConfigError(
-        f"--workers={workers} asks for one GPU per worker, but {DEVICE_VARIABLE}={visible!r} "
-        f"makes {len(ids)} visible: use --workers={max(len(ids), 1)} or show more GPUs.")
-  return ids[:workers]
+        f"--workers={workers} with --workers_per_gpu={per_gpu} needs {gpus_needed} GPUs, but "
+        f"{DEVICE_VARIABLE}={visible!r} makes {len(ids)} visible: use at most "
+        f"--workers={len(ids) * per_gpu}, more workers per GPU, or show more GPUs.")
+  return [ids[i // per_gpu] for i in range(workers)]
+
+
+def worker_environment(device: str, per_gpu: int) -> dict:
+  """The variables a worker starts with: its GPU and, when several workers share one, each its
+  share of the GPU's memory (JAX takes 75% of it by default; a fraction set by the user stays)."""
+  env = {DEVICE_VARIABLE: device}
+  if per_gpu > 1 and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / per_gpu:.3f}"
+  return env
 
 
 def serve(conn, compile_cache: str | None, cache_workdir: str) -> None:
@@ -72,20 +86,23 @@ def serve(conn, compile_cache: str | None, cache_workdir: str) -> None:
 class _Worker:
   """The parent's handle on one worker process: its pipe and the run it is busy with."""
 
-  def __init__(self, context, number: int, device: str, compile_cache, cache_workdir):
-    self.number, self.device = number, device
+  def __init__(self, context, number: int, device: str, per_gpu: int, compile_cache,
+               cache_workdir):
+    self.number, self.device, self.per_gpu = number, device, per_gpu
     self.conn, child_conn = context.Pipe()
-    before = os.environ.get(DEVICE_VARIABLE)
-    os.environ[DEVICE_VARIABLE] = device  # the spawned interpreter inherits the environment
+    env = worker_environment(device, per_gpu)
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)  # the spawned interpreter inherits the environment
     try:
       self.process = context.Process(target=serve, args=(child_conn, compile_cache, cache_workdir),
                                      name=f"sweep-worker-{number}")
       self.process.start()
     finally:
-      if before is None:
-        del os.environ[DEVICE_VARIABLE]
-      else:
-        os.environ[DEVICE_VARIABLE] = before
+      for name, value in before.items():
+        if value is None:
+          del os.environ[name]
+        else:
+          os.environ[name] = value
     child_conn.close()
     self.ready = False
     self.job = None  # (index, run) while it trains
@@ -107,14 +124,16 @@ class _Worker:
     return f"exited with code {code}"
 
 
-def run_in_workers(todo, workers: int, started, log, compile_cache: str | None, cache_workdir: str):
-  """Runs `todo` ((index, PlannedRun) pairs) in `workers` processes; yields (index, run, summary,
+def run_in_workers(todo, workers: int, per_gpu: int, started, log, compile_cache: str | None,
+                   cache_workdir: str):
+  """Runs `todo` ((index, PlannedRun) pairs) in `workers` processes, `per_gpu` of them on each GPU
+  (`worker_devices`); yields (index, run, summary,
   error) as runs end, `summary` None when the run failed and `error` its message. `started(index,
   run, where)` is called as a run is handed out, `log(line)` for the workers' own news."""
   context = multiprocessing.get_context("spawn")
   queue = list(todo)
-  devices = worker_devices(min(workers, len(queue)))
-  pool = [_Worker(context, n, device, compile_cache, cache_workdir)
+  devices = worker_devices(min(workers, len(queue)), per_gpu)
+  pool = [_Worker(context, n, device, per_gpu, compile_cache, cache_workdir)
           for n, device in enumerate(devices, 1)]
   backend = None
   try:
@@ -139,7 +158,8 @@ def run_in_workers(todo, workers: int, started, log, compile_cache: str | None, 
             yield index, run, None, (
                 f"its worker process (pid {w.process.pid}) {w.exit_reason()} during the run; "
                 "rerun the sweep to resume it from its last checkpoint")
-          pool[slot] = _Worker(context, w.number, w.device, compile_cache, cache_workdir)
+          pool[slot] = _Worker(context, w.number, w.device, per_gpu, compile_cache,
+                               cache_workdir)
         elif message[0] == "ready":
           _, name, kind, count = message
           if backend is None:
@@ -147,9 +167,9 @@ def run_in_workers(todo, workers: int, started, log, compile_cache: str | None, 
           elif name != backend:
             raise ConfigError(
                 f"Sweep worker {w.number} ({DEVICE_VARIABLE}={w.device}) runs on {name} while "
-                f"an earlier worker runs on {backend}: each worker needs a GPU of its own, and "
-                f"this machine has fewer than --workers={workers} (or other accelerators, which "
-                "--workers cannot split: use --workers=1).")
+                f"an earlier worker runs on {backend}: this machine has fewer GPUs than the "
+                f"workers need (--workers={workers}, --workers_per_gpu={per_gpu}), or other "
+                "accelerators, which --workers cannot split (use --workers=1).")
           where = f", {DEVICE_VARIABLE}={w.device}" if name == "gpu" else ""
           log(f"worker {w.number} (pid {w.process.pid}{where}): {count} {name} device(s), {kind}")
           w.ready = True

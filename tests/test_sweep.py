@@ -319,14 +319,23 @@ def test_ctrl_c_stops_the_workers_after_their_checkpoints_and_exits_130(tmp_path
   assert [r.status for r in planned] == ["resume", "resume", "start", "start"]
 
 
-def test_each_worker_gets_one_visible_gpu(monkeypatch):
+def test_each_worker_gets_one_visible_gpu_or_a_share_of_one(monkeypatch):
   from fednml_jax import sweep_workers
   monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
   assert sweep_workers.worker_devices(3) == ["0", "1", "2"]
+  assert sweep_workers.worker_devices(5, per_gpu=2) == ["0", "0", "1", "1", "2"]
   monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5")
   assert sweep_workers.worker_devices(2) == ["3", "5"]
-  with pytest.raises(ConfigError, match=r"--workers=3 .*'3, 5' makes 2 visible: use --workers=2"):
+  assert sweep_workers.worker_devices(4, per_gpu=3) == ["3", "3", "3", "5"]
+  with pytest.raises(ConfigError, match=r"--workers=3 with --workers_per_gpu=1 needs 3 GPUs, but "
+                     r"CUDA_VISIBLE_DEVICES='3, 5' makes 2 visible: use at most --workers=2"):
     sweep_workers.worker_devices(3)
+  assert sweep_workers.worker_environment("5", 1) == {"CUDA_VISIBLE_DEVICES": "5"}
+  assert sweep_workers.worker_environment("5", 4) == {"CUDA_VISIBLE_DEVICES": "5",
+                                                      "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.225"}
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.1")  # the user's choice stays
+  assert sweep_workers.worker_environment("5", 4) == {"CUDA_VISIBLE_DEVICES": "5"}
 
 
 # Errors and config resolution -------------------------------------------------------------------
