@@ -14,8 +14,11 @@ save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -88,6 +91,75 @@ def check_resume(config, workdir: str) -> bool:
     if differing:
       logging.warning("resuming %s under changed keys %s (resume=force)", workdir, differing)
   return True
+
+
+LOCK_FILE = ".running"  # in a run's workdir while a process trains it
+
+
+class WorkdirInUse(UserError):
+  """Another process is training the run in this workdir."""
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # another user's process
+  return True
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, shared_by_processes: bool = False):
+  """Holds `workdir/.running` (host, pid, start time) while a run trains there, so that a second
+  `run.py` or sweep started on the same folder is refused (`WorkdirInUse`) instead of writing the
+  same checkpoints and logs. A lock left by a process of this host that no longer runs (killed) is
+  taken over; one from another host is not (it may still run): its message says to delete the
+  file once that run is known to be gone. `shared_by_processes`: a multi-host run, whose processes
+  all write to the workdir, takes no lock."""
+  if shared_by_processes:
+    yield
+    return
+  path = os.path.join(workdir, LOCK_FILE)
+  me = {"host": platform.node(), "pid": os.getpid(),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+  while True:
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      break
+    except FileExistsError:
+      try:
+        with open(path) as f:
+          holder = json.load(f)
+      except FileNotFoundError:
+        continue  # released meanwhile
+      except (OSError, ValueError):
+        holder = {}  # being written by the process that just took it
+      pid, host = holder.get("pid"), holder.get("host")
+      if host == me["host"] and isinstance(pid, int) and (
+          pid == me["pid"] or not _process_alive(pid)):
+        logging.warning("%s: taking over the lock of process %d, which no longer runs", workdir,
+                        pid)
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(path)
+        continue
+      who = (f"process {pid} on {'this host' if host == me['host'] else f'host {host}'} "
+             f"(since {holder.get('since')})" if pid is not None else "another process")
+      raise WorkdirInUse(
+          f"{workdir} is in use: {who} is training the run there, and two processes would "
+          f"overwrite each other's checkpoints. Wait for it to finish, or stop it; if it no "
+          f"longer runs (its machine went down), delete {path}.") from None
+  with os.fdopen(fd, "w") as f:
+    json.dump(me, f)
+  try:
+    yield
+  finally:
+    with contextlib.suppress(OSError, ValueError):
+      with open(path) as f:
+        mine = json.load(f).get("pid") == me["pid"]
+      if mine:
+        os.remove(path)
 
 
 def truncate_jsonl(path: str, first_round: int) -> None:

@@ -510,10 +510,16 @@ class NumericalError(UserError):
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs (or resumes) one federated experiment; returns the summary also written to summary.json."""
+  """Runs (or resumes) one federated experiment; returns the summary also written to summary.json.
+  The workdir is locked while the run trains (`checkpointing.workdir_lock`)."""
   start = time.time()
   config_lib.validate(config)
   prepare_workdir(workdir)
+  with checkpointing.workdir_lock(workdir, shared_by_processes=distributed.multi_process()):
+    return _train_and_evaluate(config, workdir, start)
+
+
+def _train_and_evaluate(config, workdir: str, start: float) -> dict:
   resume_from = checkpointing.check_resume(config, workdir)
   experiment = Experiment(config)
   if config.plots and distributed.is_primary():

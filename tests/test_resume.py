@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 import pytest
 
 from fednml_jax import train
+from fednml_jax.checkpointing import WorkdirInUse
 from fednml_jax.errors import ConfigError, UserError
 
 from conftest import REPO, interrupt_then_resume, tiny_config
@@ -72,11 +74,41 @@ def test_sigkill_during_training_then_resume(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (workdir / "summary.json").exists()
+  assert json.loads((workdir / ".running").read_text())["pid"] == proc.pid  # left by the kill
   done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
+  assert f"taking over the lock of process {proc.pid}, which no longer runs" in done.stderr
+  assert not (workdir / ".running").exists()
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["resumed_from_round"] >= 2
   assert _rounds_in(workdir) == list(range(6))
+
+
+def test_a_workdir_in_use_is_refused_and_a_dead_process_s_lock_taken_over(tmp_path):
+  """`.running` names the process training a workdir: a live one (here: this test's parent
+  process) or one on another host makes a second run refuse the folder before touching it; one of
+  this host that no longer runs is taken over; a finished or failed run leaves no lock behind."""
+  lock = tmp_path / ".running"
+
+  def held_by(host, pid):
+    lock.write_text(json.dumps({"host": host, "pid": pid, "since": "2026-11-23 08:00:00 UTC"}))
+
+  held_by(platform.node(), os.getppid())
+  with pytest.raises(WorkdirInUse, match=rf"is in use: process {os.getppid()} on this host \(since "
+                     r"2026-11-23 08:00:00 UTC\) is training the run there"):
+    train.train_and_evaluate(tiny_config(rounds=1), str(tmp_path))
+  held_by("gpu-node-7", 4242)
+  with pytest.raises(WorkdirInUse, match=rf"process 4242 on host gpu-node-7 .* delete {lock}"):
+    train.train_and_evaluate(tiny_config(rounds=1), str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".running"]  # nothing else was written
+  gone = subprocess.Popen(["true"])
+  gone.wait()  # exited and reaped: its pid names no process
+  held_by(platform.node(), gone.pid)
+  summary = train.train_and_evaluate(tiny_config(rounds=1), str(tmp_path))
+  assert summary["rounds"] == 1 and not lock.exists()
+  with pytest.raises(ConfigError):  # a failing run releases the folder too
+    train.train_and_evaluate(tiny_config(rounds=1, **{"optim.lr": 0.5}), str(tmp_path))
+  assert not lock.exists()
 
 
 def test_config_keys_added_later_do_not_block_resuming():
