@@ -18,6 +18,8 @@ import contextlib
 import json
 import os
 import platform
+import signal
+import threading
 import time
 
 import numpy as np
@@ -181,6 +183,24 @@ def truncate_jsonl(path: str, first_round: int) -> None:
   os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred():
+  """Holds a Ctrl-C (SIGINT) that arrives inside the block until the block has ended, then raises
+  it: Orbax's save and wait calls, interrupted half-way, leave its writing threads running into
+  the interpreter's shutdown. Only the main thread receives signals; elsewhere this does nothing."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+    if received and callable(previous):
+      previous(signal.SIGINT, received[0])  # the default handler raises KeyboardInterrupt
+
+
 class Checkpointer:
   """Saves and restores run state with an orbax `CheckpointManager` under `workdir/checkpoints`.
 
@@ -218,12 +238,17 @@ class Checkpointer:
              "host": _as_arrays(host_arrays)}
     meta = {"next_round": next_round, "seconds": seconds,
             "history": {str(k): v for k, v in history.items()}}
-    try:
-      self.manager.save(next_round, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-    except OSError as err:
-      raise self._save_failed(next_round, err) from None
+    # Marked as under way before it starts, and cleared only once it has ended, so that `close`
+    # waits for it whatever interrupts the run (else the process would exit under Orbax's writing
+    # thread, which then fails); Ctrl-C waits for Orbax's calls to return (`ctrl_c_deferred`).
     self._writing = next_round
+    try:
+      with ctrl_c_deferred():
+        self.manager.save(next_round, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    except OSError as err:
+      self._writing = None
+      raise self._save_failed(next_round, err) from None
 
   def finish_writing(self):
     """Waits for the save under way; raises a `UserError` if it failed."""
@@ -232,11 +257,13 @@ class Checkpointer:
       raise failed
     if self._writing is None:
       return
-    next_round, self._writing = self._writing, None
     try:
-      self.manager.wait_until_finished()
+      with ctrl_c_deferred():
+        self.manager.wait_until_finished()
     except OSError as err:
+      next_round, self._writing = self._writing, None
       raise self._save_failed(next_round, err) from None
+    self._writing = None
 
   def _save_failed(self, next_round: int, err: OSError) -> UserError:
     return UserError(

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import traceback
 from multiprocessing import connection
 
@@ -64,6 +65,10 @@ def serve(conn, compile_cache: str | None, cache_workdir: str) -> None:
   os.environ["FEDNML_NO_PROGRESS"] = "1"  # N progress bars on one terminal would be unreadable
   try:
     import jax  # noqa: PLC0415
+    from tqdm import tqdm  # noqa: PLC0415
+
+    # tqdm's default lock is a multiprocessing semaphore, which the exit below would leak.
+    tqdm.set_lock(threading.RLock())
 
     from fednml_jax import cli, train  # noqa: PLC0415
     if compile_cache is not None:
@@ -79,8 +84,13 @@ def serve(conn, compile_cache: str | None, cache_workdir: str) -> None:
       except Exception:  # noqa: BLE001  (a bug fails its run; the other workers go on)
         reply = ("crashed", index, traceback.format_exc())
       conn.send(reply)
-  except (KeyboardInterrupt, EOFError, BrokenPipeError):
-    return  # Ctrl-C (the run has closed its checkpointer) or the parent went away
+  except KeyboardInterrupt:
+    # Ctrl-C: the run has waited for its checkpoint write on the way out. Exit now rather than
+    # wait for a program compiling ahead in the background (the interpreter would join it).
+    sys.stderr.flush()
+    os._exit(130)
+  except (EOFError, BrokenPipeError):
+    return  # the parent went away
 
 
 class _Worker:

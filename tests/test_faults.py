@@ -1,13 +1,16 @@
 """Numerical faults, failed saves and bad input never damage a workdir; it stays resumable."""
 
 import errno
+import os
+import signal
+import time
 
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fednml_jax import train
+from fednml_jax import checkpointing, train
 from fednml_jax.errors import UserError
 from fednml_jax.methods.fedavg import FedAvg
 
@@ -113,3 +116,22 @@ def test_class_without_test_positives_is_reported_not_fatal(tmp_path):
   assert summary["test_final"]["classes_skipped"] == 1
   assert summary["test_final"]["classes_evaluated"] == 2
   assert summary["test_final"]["mAP"] is not None
+
+
+def test_ctrl_c_inside_a_checkpoint_call_is_raised_once_the_call_returns():
+  """A Ctrl-C that lands inside Orbax's save or wait (`ctrl_c_deferred`) is held until the call
+  has returned, so the run never exits under Orbax's writing thread; then it is raised as usual."""
+  # A shell's background job (as in CI) starts with SIGINT ignored: give this test the default.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+      with checkpointing.ctrl_c_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # Python runs the handler here: recorded, not raised
+        steps.append("the call returned")
+      steps.append("not reached")
+    assert steps == ["the call returned"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+  finally:
+    signal.signal(signal.SIGINT, previous)
