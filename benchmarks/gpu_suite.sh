@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu_suite.sh profile # where a paper-configuration round's kernel time goes
 #   bash benchmarks/gpu_suite.sh small   # round time vs torch, small CNN; run batching 1 -> 32
 #   bash benchmarks/gpu_suite.sh scaling # clients 4 -> 256, loop and vmap
+#   bash benchmarks/gpu_suite.sh workers # a sweep's runs in 1, 2, 4 worker processes on the GPU
 #   bash benchmarks/gpu_suite.sh sweep   # the 81-run RFMiD grid of configs/sweeps/rfmid_cpu.py
 # Several steps may go in one call (`bash benchmarks/gpu_suite.sh warm profile`, about 8 minutes)
 # while their sum stays under the call's 10 minutes and $OUT under 8 files. The machine stays warm
@@ -79,6 +80,10 @@ case "$step" in
         | tee "$OUT/full_run_paper_${dtype}_cache$i.log"
     done
     ;;
+  workers)  # 8 SmallCNN runs: one process, then 2 and 4 workers sharing the GPU (~4 min)
+    timeout 560 python3 benchmarks/sweep_workers.py --preset=cpu --synthetic --runs=8 --rounds=5 \
+      --workers=1,2,4 --out="$OUT/sweep_workers_small.json" 2>&1 | tee "$OUT/sweep_workers.log"
+    ;;
   sweep)
     # Resumable: rerun the step while the machine is warm (its checkout keeps runs/).
     # Four workers share the GPU (SmallCNN runs leave it mostly idle); WORKERS=1 for one at a time.
@@ -90,7 +95,7 @@ case "$step" in
     ;;
   *)
     echo "usage: bash benchmarks/gpu_suite.sh STEP [STEP ...]; steps: paper long warm profile" \
-      "small scaling sweep" >&2
+      "small scaling workers sweep" >&2
     exit 2
     ;;
 esac

@@ -7,6 +7,7 @@ keys issue #6 asks for. torch is the optional `bench` extra, so without it the t
 
 import importlib.util
 import json
+import re
 import sys
 
 import numpy as np
@@ -102,6 +103,22 @@ def test_run_batching_tiny_writes_rows(tmp_path):
   for row in rows:
     assert row["batched_seconds_per_round"] > 0 and row["speedup"] > 0
     assert row["separate_strategy"] == "loop" and row["batched_strategy"] == "loop"
+
+
+def test_sweep_workers_tiny_writes_rows(tmp_path):
+  """The sweep command timed in one process and with 2 workers: both finish all runs."""
+  sweep_workers = _benchmark("sweep_workers")
+  out = tmp_path / "rows.json"
+  sweep_workers.main(["--preset=cpu", "--synthetic", "--runs=2", "--rounds=1", "--clients=2",
+                      "--train_per_client=16", "--local_epochs=1", "--workers=1,2",
+                      f"--out={out}"])
+  rows = json.loads(out.read_text())
+  assert [(r["workers"], r["workers_per_gpu"], r["status"]) for r in rows] == [
+      (1, 1, "ok"), (2, 2, "ok")]
+  for row in rows:
+    assert row["seconds"] > 0 and row["runs_per_hour"] > 0 and len(row["run_seconds"]) == 2
+  assert rows[0]["speedup"] == 1.0 and rows[0]["device"] == "the sweep's own process"
+  assert re.fullmatch(r"\d+ cpu device\(s\), cpu", rows[1]["device"])  # the workers' report
 
 
 def test_full_run_tiny_writes_a_row(tmp_path):
