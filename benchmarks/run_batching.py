@@ -10,14 +10,16 @@ preset's config (what a sweep's cells of one method look like).
   strategy (`fl.strategy=auto`: `loop` on one device, `shard` over several accelerators), timed
   on seed 0; R runs one after another cost R times that.
 - `batched`: `fednml_jax.train.RunBatch` over the R runs, every round one program with a leading
-  run axis (`--batched_strategy`, default `vmap` on one device, `shard` on several), timed as a
+  run axis (`--batched_strategy`, default `vmap` on one device, `shard` on several: then R a
+  multiple of the device count splits the runs over the devices, `runs_over_devices`), timed as a
   whole.
 Each is the mean of `--rounds` rounds after one untimed round (its excess over a steady round is
 `compile_seconds`). `speedup` = R · separate seconds / batched seconds (> 1: batching pays). A run
 count whose batched round does not fit in device memory is reported as `out_of_memory` and ends
 the sweep (that is where memory is full). Rows: {preset, method, runs, backend, devices,
-batched_strategy, separate_strategy, separate_seconds_per_round, batched_seconds_per_round,
-seconds_per_run_round, speedup, images_per_second, compile_seconds, status}.
+batched_strategy, runs_over_devices, separate_strategy, separate_seconds_per_round,
+batched_seconds_per_round, seconds_per_run_round, speedup, images_per_second, compile_seconds,
+status}.
 """
 
 import argparse
@@ -99,6 +101,7 @@ def run(args) -> list[dict]:
       row = {"preset": args.preset, "method": args.method, "data": data, "runs": runs,
              "backend": jax.default_backend(), "devices": jax.device_count(),
              "batched_strategy": batched_strategy,
+             "runs_over_devices": batched_strategy == "shard" and runs % jax.device_count() == 0,
              "separate_strategy": strategies.resolve_strategy(base.fl.strategy),
              "separate_seconds_per_round": round(separate, 4)}
       try:

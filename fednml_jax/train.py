@@ -291,9 +291,11 @@ class Experiment:
             "observed_labels": self.setup.observed_labels}
 
   # Rounds --------------------------------------------------------------------------------------
-  def program_for(self, phase: str, batched_runs: bool = False) -> strategies.RoundProgram:
-    """The round program of a method phase (with a leading run axis when `batched_runs`)."""
-    name = phase + (" (batched runs)" if batched_runs else "")
+  def program_for(self, phase: str, batched_runs: bool = False,
+                  shard_runs: bool = False) -> strategies.RoundProgram:
+    """The round program of a method phase (with a leading run axis when `batched_runs`, split
+    over the devices when `shard_runs`)."""
+    name = phase + (" (batched runs)" if batched_runs else "") + (" over devices" * shard_runs)
     if name not in self.programs:
       c = self.config
       client_update = local_training.make_client_update(
@@ -302,7 +304,7 @@ class Experiment:
           image_mean=self.image_mean, image_std=self.image_std, scan_unroll=c.fl.scan_unroll)
       self.programs[name] = strategies.RoundProgram(
           self.strategy, client_update, self.method.aggregate, batched_runs,
-          per_client_images=self.per_client_images)
+          per_client_images=self.per_client_images, shard_runs=shard_runs)
     return self.programs[name]
 
   @property
@@ -453,6 +455,12 @@ class RunBatch:
   is a ConfigError, never a silently wrong run. Batched and separate runs compute the same function
   (tested); like the client-parallel strategies, they may differ in the last bits of
   floating-point results. Needs `fl.image_layout=shared` and one process.
+
+  Layout: under `fl.strategy` `loop` the runs go one after another; under `vmap` they are
+  vmapped; under `shard` (several devices) a number of runs that is a multiple of the device
+  count is split over the devices, each device training its runs and their clients in turn
+  (`shard_runs`: no vmap, so no grouped convolutions), and any other number is vmapped with each
+  run's clients split over the devices.
   """
 
   def __init__(self, configs):
@@ -464,6 +472,10 @@ class RunBatch:
                         "follow each run's partition.")
     self.experiments = [first] + [Experiment(c, share_data_with=first) for c in configs[1:]]
     self._stacked_clients = (None, None)  # (the runs' client arrays, their stack)
+    # Under `shard`, runs as many as (or a multiple of) the devices are split over them, each
+    # device training its runs in turn; otherwise the runs are vmapped (the clients split).
+    self.shard_runs = (first.strategy == "shard" and len(configs) % jax.device_count() == 0)
+    self._checked_phases = set()
 
   def run_round(self, rnd: int, variables: list, method_states: list):
     """Round `rnd` of every run; returns lists (variables, method_states, records) per run."""
@@ -474,18 +486,24 @@ class RunBatch:
       raise ConfigError(f"The batched runs are in different method phases at round {rnd} "
                         f"({sorted({i.phase for i in inputs})}); batch runs with one schedule.")
     first = self.experiments[0]
-    if phase + " (batched runs)" not in first.programs:
+    if phase not in self._checked_phases:
       self._check_same_program(phase, variables, inputs)
+      self._checked_phases.add(phase)
+    place = strategies.place_runs if self.shard_runs else (lambda tree: tree)
     clients = [i.clients for i in inputs]
     if self._stacked_clients[0] is None or any(
         a is not b for a, b in zip(clients, self._stacked_clients[0])):
-      self._stacked_clients = (clients, strategies.stack_trees(clients))
-    outputs = first.program_for(phase, batched_runs=True)(
-        strategies.stack_trees(variables), first.train_images, self._stacked_clients[1],
-        strategies.stack_trees([i.scalars for i in inputs]),
-        np.stack([i.round_key for i in inputs]))
-    results = [e.finish_round(i, jax.tree.map(lambda a, r=r: a[r], outputs))
-               for r, (e, i) in enumerate(zip(self.experiments, inputs))]
+      self._stacked_clients = (clients, place(strategies.stack_trees(clients)))
+    outputs = first.program_for(phase, batched_runs=True, shard_runs=self.shard_runs)(
+        place(strategies.stack_trees(variables)), first.train_images, self._stacked_clients[1],
+        place(strategies.stack_trees([i.scalars for i in inputs])),
+        place(np.stack([i.round_key for i in inputs])))
+    results = []
+    for r, (e, i) in enumerate(zip(self.experiments, inputs)):
+      run_outputs = jax.tree.map(lambda a, r=r: a[r], outputs)
+      if self.shard_runs:  # from the device that trained it, to where the run's programs run
+        run_outputs = (strategies.place_replicated(e.strategy, run_outputs[0]), *run_outputs[1:])
+      results.append(e.finish_round(i, run_outputs))
     return tuple(list(column) for column in zip(*results))
 
   def _check_same_program(self, phase, variables, inputs):

@@ -8,6 +8,7 @@ import pytest
 from conftest import tiny_config
 
 from fednml_jax import train
+from fednml_jax.engine import strategies
 from fednml_jax.errors import ConfigError
 
 
@@ -48,14 +49,17 @@ def _losses(records):
   return np.array([r["client_loss"] for r in records if "client_loss" in r])
 
 
-@pytest.mark.parametrize("strategy", ["shard", "loop"])  # shard: one program on a mesh
-def test_batched_runs_match_separate_runs(strategy):
-  # Two seeds with two noise settings of one FedAvg config. `loop` runs the same client program
-  # on the same inputs: bitwise equal after 2 rounds. The vmapped programs reassociate float sums,
-  # which Adam amplifies round after round: compared after 1 round, as in test_engine.
+@pytest.mark.parametrize("strategy, runs", [("shard", 2), ("shard", 3), ("loop", 2)])
+def test_batched_runs_match_separate_runs(strategy, runs):
+  # Seeds with noise settings of one FedAvg config. `loop` runs the same client program on the
+  # same inputs: bitwise equal after 2 rounds. `shard` with 2 runs on the 2 devices splits the runs
+  # over them (`shard_runs`); with 3, it vmaps them and splits each run's clients. Those programs
+  # reassociate float sums, which Adam amplifies round after round: compared after 1 round, as in
+  # test_engine.
   configs = [tiny_config(seed=s, **{"fl.strategy": strategy, "labels.noise_rate": rate})
-             for s, rate in ((0, 0.2), (1, 0.4))]
+             for s, rate in ((0, 0.2), (1, 0.4), (2, 0.3))[:runs]]
   separate, batched, batch = _separate_and_batched(configs, rounds=2 if strategy == "loop" else 1)
+  assert batch.shard_runs == (strategy == "shard" and runs % jax.device_count() == 0)
   for (v_sep, r_sep), (v_bat, r_bat) in zip(separate, batched):
     np.testing.assert_allclose(_losses(r_bat), _losses(r_sep),
                                rtol=0 if strategy == "loop" else 1e-4)
@@ -65,7 +69,30 @@ def test_batched_runs_match_separate_runs(strategy):
   if strategy != "loop":  # a second round reuses the batched program
     variables = [e.initial_variables() for e in batch.experiments]
     batch.run_round(1, variables, [e.method.init_state() for e in batch.experiments])
-    assert batch.experiments[0].programs["train (batched runs)"].traces == 1
+    name = "train (batched runs)" + (" over devices" if batch.shard_runs else "")
+    assert batch.experiments[0].programs[name].traces == 1
+
+
+def test_runs_split_over_the_devices_are_not_vmapped():
+  """2 runs on the 2 devices under `shard`: each device trains its run's clients in turn, so the
+  compiled round has no grouped convolution (which vmapped runs or clients become)."""
+  configs = [tiny_config(seed=s, **{"fl.strategy": "shard", "fl.scan_unroll": 1}) for s in (0, 1)]
+  batch = train.RunBatch(configs)
+  assert batch.shard_runs
+  variables = [e.initial_variables() for e in batch.experiments]
+  inputs = [e.prepare_round(0, v, e.method.init_state())
+            for e, v in zip(batch.experiments, variables)]
+  program = batch.experiments[0].program_for("train", batched_runs=True, shard_runs=True)
+  stacked = [strategies.place_runs(strategies.stack_trees(x)) for x in (
+      variables, [i.clients for i in inputs], [i.scalars for i in inputs])]
+  keys = strategies.place_runs(np.stack([i.round_key for i in inputs]))
+  compiled = program._round.jitted.lower(stacked[0], batch.experiments[0].train_images,
+                                         stacked[1], stacked[2], keys).compile().as_text()
+  assert "feature_group_count" not in compiled
+  vmapped = batch.experiments[0].program_for("train", batched_runs=True)
+  assert "feature_group_count" in vmapped._round.jitted.lower(
+      stacked[0], batch.experiments[0].train_images, stacked[1], stacked[2],
+      keys).compile().as_text()
 
 
 def test_batched_fednml_runs_match_separate_runs_through_a_refinement():

@@ -10,11 +10,14 @@
 
 All three compute the same function: tests check that they agree. With `batched_runs=True` every
 input but the images carries a leading run axis (several runs of the same program, one per row) and
-the round is vmapped over it (`loop` loops over the runs). `auto` picks `loop` on CPU and on a
-single accelerator, `shard` when there are several accelerators: XLA turns vmapped per-client
-convolutions into grouped convolutions, whose gradients are slow on CPU and on GPU alike (a
-ResNet-18 FedAvg round at the paper's configuration on one H100: `vmap` 9.3 s, `loop` 1.07 s; see
-docs/performance.md).
+the round is vmapped over it (`loop` loops over the runs); with `shard_runs=True` as well (`shard`
+only) the run axis is split over the mesh instead, each device training its runs, and each run's
+clients, one after another (`RunBatch` does this when the runs are a multiple of the devices).
+`auto` picks `loop` on CPU and on a single accelerator, `shard` when there are several
+accelerators: XLA turns vmapped per-client convolutions into grouped convolutions, whose gradients
+are slow on CPU and on GPU alike (a ResNet-18 FedAvg round at the paper's configuration on one
+H100: `vmap` 9.3 s, `loop` 1.07 s; see docs/performance.md). On CPU the clients (or runs) a
+device trains in turn are unrolled rather than looped (`map_in_turn`).
 A multi-host run (`fednml_jax.distributed`) always uses `shard`, over the devices of every host.
 """
 
@@ -68,9 +71,13 @@ class RoundProgram:
   """
 
   def __init__(self, strategy: str, client_update, aggregate, batched_runs: bool = False,
-               per_client_images: bool = False):
+               per_client_images: bool = False, shard_runs: bool = False):
     self.strategy, self.batched_runs = strategy, batched_runs
     self.per_client_images = per_client_images  # `images` has a leading client axis
+    # Batched runs split over the devices, each device training its runs in turn (`shard` only).
+    self.shard_runs = shard_runs
+    if shard_runs and (strategy != "shard" or not batched_runs or per_client_images):
+      raise ValueError("shard_runs needs the shard strategy, batched runs and shared images")
     self.traces = 0  # how many times a program was traced: must stay constant across rounds
 
     def counted(fn):
@@ -87,33 +94,55 @@ class RoundProgram:
       return jax.vmap(client_update, in_axes=(None, image_axis, 0, None, 0))(
           global_vars, images, clients, scalars, keys)
 
+    def train_in_turn(global_vars, images, clients, scalars, keys):
+      # Clients one after another (`lax.map`), never vmapped: vmapped clients would be grouped
+      # convolutions, as slow on GPU as under `vmap`.
+      def one(args):
+        client, key, client_images = args
+        return client_update(global_vars, client_images if per_client_images else images,
+                             client, scalars, key)
+
+      xs = (clients, keys, images if per_client_images else None)
+      return map_in_turn(one, xs, keys.shape[0])
+
     def train_each_device(global_vars, images, clients, scalars, keys):
-      # Each device trains its block of clients one after another (`lax.map`), never vmapped:
-      # vmapped clients would be grouped convolutions, as slow on GPU as under `vmap`.
+      # Each device trains its block of clients in turn.
       clients_spec = PartitionSpec("clients")
       image_spec = clients_spec if per_client_images else PartitionSpec()
-
-      def block(global_vars, images, clients, scalars, keys):
-        def one(args):
-          client, key, client_images = args
-          return client_update(global_vars, client_images if per_client_images else images,
-                               client, scalars, key)
-
-        xs = (clients, keys, images if per_client_images else None)
-        if keys.shape[0] == 1:  # no one-trip loop (see local_training: slow on XLA:CPU)
-          return jax.tree.map(lambda a: a[None], one(jax.tree.map(lambda a: a[0], xs)))
-        return jax.lax.map(one, xs)
-
       # check_vma off: the local scan carries values that start replicated (the global model).
       specs = (PartitionSpec(), image_spec, clients_spec, PartitionSpec(), clients_spec)
-      return jax.shard_map(block, mesh=client_mesh(), in_specs=specs, out_specs=clients_spec,
-                           check_vma=False)(global_vars, images, clients, scalars, keys)
+      return jax.shard_map(train_in_turn, mesh=client_mesh(), in_specs=specs,
+                           out_specs=clients_spec, check_vma=False)(
+                               global_vars, images, clients, scalars, keys)
+
+    def runs_each_device(global_vars, images, clients, scalars, round_keys):
+      # Batched runs split over the devices (`shard_runs`): each device trains its runs in turn,
+      # and each run's clients in turn, with the whole client axis on the device.
+      def block(global_vars, images, clients, scalars, round_keys):
+        def one_run(args):
+          run_vars, run_clients, run_scalars, round_key = args
+          keys = client_keys(round_key, run_clients["count"].shape[0])
+          client_vars, losses, outputs = train_in_turn(run_vars, images, run_clients,
+                                                       run_scalars, keys)
+          return aggregate(client_vars, run_clients, run_vars), losses, client_vars, outputs
+
+        return map_in_turn(one_run, (global_vars, clients, scalars, round_keys),
+                           round_keys.shape[0])
+
+      runs_spec = PartitionSpec("clients")  # the one mesh axis, here over runs
+      specs = (runs_spec, PartitionSpec(), runs_spec, runs_spec, runs_spec)
+      return jax.shard_map(block, mesh=client_mesh(), in_specs=specs, out_specs=runs_spec,
+                           check_vma=False)(global_vars, images, clients, scalars, round_keys)
 
     def train_and_aggregate(global_vars, images, clients, scalars, round_key):
       client_vars, losses, outputs = train_all(global_vars, images, clients, scalars, round_key)
       return aggregate(client_vars, clients, global_vars), losses, client_vars, outputs
 
     self.train_and_aggregate = train_and_aggregate  # one run's round, unjitted
+    if shard_runs:
+      self._round = AheadOfTime(counted(runs_each_device), out_shardings=NamedSharding(
+          client_mesh(), PartitionSpec("clients")))
+      return
     if batched_runs:
       train_and_aggregate = jax.vmap(train_and_aggregate, in_axes=(0, None, 0, 0, 0))
     if strategy == "shard":
@@ -169,6 +198,23 @@ class RoundProgram:
                for k in range(num_clients)]
     client_vars, losses, client_outputs = (stack_trees([o[i] for o in outputs]) for i in range(3))
     return self._aggregate(client_vars, clients, global_vars), losses, client_vars, client_outputs
+
+
+def map_in_turn(fn, xs, length: int):
+  """`lax.map(fn, xs)` over the leading axis of `xs` (of `length`): a loop on accelerators,
+  unrolled on CPU. XLA:CPU runs the convolution gradients inside a loop in layouts it has no fast
+  kernel for (as for a rolled local-step scan, see local_training): a FedAvg round of the CPU
+  preset under `shard` on 2 virtual CPU devices took 15.4 s with the clients in a loop, 0.7–1.0 s
+  unrolled, against 0.93–0.97 s under `loop`."""
+  if length > 1 and jax.default_backend() != "cpu":
+    return jax.lax.map(fn, xs)
+  outputs = [fn(jax.tree.map(lambda a, i=i: a[i], xs)) for i in range(length)]
+  return jax.tree.map(lambda *parts: jnp.stack(parts), *outputs)
+
+
+def place_runs(tree):
+  """Arrays with a leading run axis, split over the devices (`RoundProgram(shard_runs=True)`)."""
+  return jax.device_put(tree, NamedSharding(client_mesh(), PartitionSpec("clients")))
 
 
 def place_clients(strategy: str, clients):
