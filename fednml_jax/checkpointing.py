@@ -198,7 +198,9 @@ def ctrl_c_deferred():
   finally:
     signal.signal(signal.SIGINT, previous)
     if received and callable(previous):
-      previous(signal.SIGINT, received[0])  # the default handler raises KeyboardInterrupt
+      previous(signal.SIGINT, received[0])  # Python's default handler raises KeyboardInterrupt
+    elif received and previous == signal.SIG_DFL:
+      signal.raise_signal(signal.SIGINT)  # the process ends as it would have
 
 
 class Checkpointer:

@@ -15,8 +15,8 @@ only where one run leaves cores idle (see docs/performance.md).
 Failures stay per run, as in a sweep run in one process: a `UserError` fails its run; an unexpected
 exception fails its run with the traceback printed; a worker that dies (killed, out of memory)
 fails its run, which resumes from its last checkpoint the next time the sweep is run, and a fresh
-worker takes its place. Ctrl-C reaches the workers too: each saves what its run's checkpointer
-holds and exits, and the parent waits for them before it writes the tables.
+worker takes its place. Ctrl-C reaches the workers too: each waits for its run's checkpoint write
+and exits, and the parent waits for them before it writes the tables.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class _Worker:
 
   def __init__(self, context, number: int, device: str, per_gpu: int, compile_cache,
                cache_workdir):
-    self.number, self.device, self.per_gpu = number, device, per_gpu
+    self.number, self.device = number, device
     self.conn, child_conn = context.Pipe()
     env = worker_environment(device, per_gpu)
     before = {name: os.environ.get(name) for name in env}
@@ -137,9 +137,9 @@ class _Worker:
 def run_in_workers(todo, workers: int, per_gpu: int, started, log, compile_cache: str | None,
                    cache_workdir: str):
   """Runs `todo` ((index, PlannedRun) pairs) in `workers` processes, `per_gpu` of them on each GPU
-  (`worker_devices`); yields (index, run, summary,
-  error) as runs end, `summary` None when the run failed and `error` its message. `started(index,
-  run, where)` is called as a run is handed out, `log(line)` for the workers' own news."""
+  (`worker_devices`); yields (index, run, summary, error) as runs end, `summary` None when the run
+  failed and `error` its message. `started(index, run, where)` is called as a run is handed out,
+  `log(line)` for the workers' own news."""
   context = multiprocessing.get_context("spawn")
   queue = list(todo)
   devices = worker_devices(min(workers, len(queue)), per_gpu)
