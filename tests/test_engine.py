@@ -107,6 +107,20 @@ def test_shard_loops_over_each_device_s_clients_instead_of_grouping_their_convol
   assert ("feature_group_count" in compiled) == grouped
 
 
+def test_clients_in_turn_are_unrolled_on_cpu_up_to_a_limit():
+  """On CPU `map_in_turn` unrolls (XLA:CPU's convolution gradients are slow inside loops) up to
+  `MAX_UNROLLED_ON_CPU` items, then keeps the loop (compile time); both compute `lax.map`."""
+  assert jax.default_backend() == "cpu"
+  for length, looped in ((3, False), (strategies.MAX_UNROLLED_ON_CPU + 1, True)):
+    xs = {"a": jnp.arange(length, dtype=jnp.float32), "b": jnp.ones((length, 2))}
+    fn = lambda x: (x["a"] * 2.0, x["b"].sum())  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(lambda xs: strategies.map_in_turn(fn, xs, length))(xs))
+    assert ("scan" in jaxpr) == looped
+    out = strategies.map_in_turn(fn, xs, length)
+    np.testing.assert_array_equal(out[0], 2.0 * np.arange(length))
+    np.testing.assert_array_equal(out[1], np.full(length, 2.0))
+
+
 def test_a_program_compiled_ahead_is_the_one_its_call_runs():
   traces = []
 
