@@ -280,6 +280,15 @@ def _hms(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _progress(ended: int, total: int, start: float) -> str:
+  """'sweep elapsed H:MM:SS, k of n runs ended, about H:MM:SS left' (the rate so far)."""
+  elapsed = time.time() - start
+  text = f"sweep elapsed {_hms(elapsed)}, {ended} of {total} runs ended"
+  if 0 < ended < total:
+    text += f", about {_hms(elapsed * (total - ended) / ended)} left"
+  return text
+
+
 def _log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
@@ -382,7 +391,7 @@ def run_sweep(sweep, workdir: str, command: str, workers: int = 1, workers_per_g
         best = summary["test_at_best_val"] or {}
         _log(f"{tag(index, run)}: done in {summary['seconds']:.0f} s, test mAP "
              f"{best.get('mAP', float('nan')):.3f} at the best validation round "
-             f"({summary['best_val_round']}); sweep elapsed {_hms(time.time() - start)}")
+             f"({summary['best_val_round']}); {_progress(ran + len(failed), len(todo), start)}")
   except KeyboardInterrupt:
     _log(f"\nsweep interrupted after {_hms(time.time() - start)}: finished runs are on disk and "
          "the interrupted ones resume from their last checkpoints; rerun the same command to "

@@ -256,6 +256,8 @@ def test_workers_run_the_grid_as_one_process_does_and_a_killed_worker_fails_only
   assert failed == {f"too_many_clients/{m}/seed0": "config.fl.num_clients = 1000 exceeds the 160 "
                     "training samples of digit_mosaics; every client needs at least one."
                     for m in ("fedavg", "fedprox")}
+  assert any(re.search(r": done in \d+ s, .*; sweep elapsed \d:\d\d:\d\d, [1-5] of 6 runs ended, "
+                       r"about \d:\d\d:\d\d left$", line) for line in lines)
   ready = [line for line in lines if re.match(r"worker \d \(pid \d+\): 2 cpu device", line)]
   assert len(ready) == 3  # workers 1 and 2, then the replacement of the killed one
   assert any(re.search(r"noise40_ann5/fedprox/seed0: starting in worker [12] \(pid", line)
