@@ -150,10 +150,13 @@ def run_in_workers(todo, workers: int, per_gpu: int, started, log, compile_cache
     while queue or any(w.job is not None for w in pool):
       for w in pool:
         if w.ready and w.job is None and queue:
+          index, run = queue[0]
+          try:
+            w.conn.send((index, run.workdir, run.config))
+          except OSError:  # it died since it was ready: replaced below, the run waits
+            continue
           w.job = queue.pop(0)
-          index, run = w.job
           started(index, run, f" in worker {w.number} (pid {w.process.pid})")
-          w.conn.send((index, run.workdir, run.config))
       ready = connection.wait([w.conn for w in pool])
       for slot, w in enumerate(pool):
         if w.conn not in ready:
