@@ -16,11 +16,13 @@ Failures stay per run, as in a sweep run in one process: a `UserError` fails its
 exception fails its run with the traceback printed; a worker that dies (killed, out of memory)
 fails its run, which resumes from its last checkpoint the next time the sweep is run, and a fresh
 worker takes its place. Ctrl-C reaches the workers too: each waits for its run's checkpoint write
-and exits, and the parent waits for them before it writes the tables.
+and exits, and the parent waits for them before it writes the tables. If the sweep's own process
+dies (killed), each worker gets a SIGINT (Linux's parent-death signal) and stops the same way.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import signal
@@ -32,6 +34,7 @@ from multiprocessing import connection
 from fednml_jax.errors import ConfigError, UserError
 
 DEVICE_VARIABLE = "CUDA_VISIBLE_DEVICES"
+PR_SET_PDEATHSIG = 1  # prctl(2)
 SHUTDOWN_SECONDS = 120.0  # how long the parent waits for a worker to finish its checkpoint writes
 
 
@@ -64,6 +67,7 @@ def serve(conn, compile_cache: str | None, cache_workdir: str) -> None:
   ("failed", index, message) or ("crashed", index, traceback) out; None ends it."""
   os.environ["FEDNML_NO_PROGRESS"] = "1"  # N progress bars on one terminal would be unreadable
   try:
+    _interrupt_when_orphaned()
     import jax  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
 
@@ -91,6 +95,21 @@ def serve(conn, compile_cache: str | None, cache_workdir: str) -> None:
     os._exit(130)
   except (EOFError, BrokenPipeError):
     return  # the parent went away
+
+
+def _interrupt_when_orphaned() -> None:
+  """Linux: a SIGINT to this worker when the sweep's process dies (e.g. killed), as for Ctrl-C:
+  its run stops after its checkpoint instead of holding a GPU for hours with no one to report to.
+  Elsewhere a worker notices only when it next talks to the parent, after its run."""
+  if not sys.platform.startswith("linux"):
+    return
+  try:
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+  except (OSError, AttributeError):
+    return
+  parent = multiprocessing.parent_process()
+  if parent is not None and os.getppid() != parent.pid:  # it died before the request took effect
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 class _Worker:

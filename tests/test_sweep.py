@@ -1,6 +1,7 @@
 """Sweeps (`python -m fednml_jax.sweep`): the Table II layout, skipping finished runs, resuming an
 interrupted one, failed runs, clear errors, and the sweep configs in configs/sweeps/."""
 
+import contextlib
 import csv
 import io
 import json
@@ -232,8 +233,9 @@ def test_workers_run_the_grid_as_one_process_does_and_a_killed_worker_fails_only
   """`workers=2` runs the same grid in two spawned processes: the same metrics as the sweep run in
   this process (`finished_sweep`), bit for bit. The worker handed the first run is killed at once
   (SIGKILL, as the kernel's out-of-memory killer does): that run fails, a fresh worker takes its
-  place, the other runs finish, and the next invocation runs the failed one. A third setting's runs
-  fail in their worker with a `UserError` (more clients than images): reported, the sweep goes on."""
+  place, the other runs finish, and the next invocation runs the failed one. A third setting's
+  runs fail in their worker with a `UserError` (more clients than images): reported, the sweep
+  goes on."""
   lines = []
 
   def log(line):
@@ -274,10 +276,9 @@ def test_workers_run_the_grid_as_one_process_does_and_a_killed_worker_fails_only
       assert ours["best_val_round"] == theirs["best_val_round"]
 
 
-def test_ctrl_c_stops_the_workers_after_their_checkpoints_and_exits_130(tmp_path):
-  """Ctrl-C (SIGINT to the terminal's process group) during a `--workers=2` sweep: both workers'
-  runs stop with complete checkpoints (no half-written one), the workers exit, the tables are
-  written, exit code 130; the next invocation resumes both runs."""
+def _start_long_sweep(tmp_path):
+  """A `--workers=2` sweep of 1000-round runs, started as from a terminal, once both workers'
+  first runs have a checkpoint: (process, workdir, the two runs' checkpoint folders)."""
   config_file = tmp_path / "long_sweep.py"
   config_file.write_text(
       "import sys\n"
@@ -298,11 +299,30 @@ def test_ctrl_c_stops_the_workers_after_their_checkpoints_and_exits_130(tmp_path
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
   runs = [workdir / "noise20_ann7" / method / "seed0" / "checkpoints"
           for method in ("fedavg", "fedprox")]
+  deadline = time.time() + 120
   try:
-    deadline = time.time() + 120
     while not all(run.is_dir() and any(run.iterdir()) for run in runs):
       assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
       time.sleep(0.2)
+  except BaseException:
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise
+  return proc, workdir, runs
+
+
+def _assert_stopped_cleanly(runs):
+  """The runs stopped between checkpoints: no half-written checkpoint, no lock, no summary."""
+  for run in runs:
+    assert not list(run.glob("*tmp*")) and not (run.parent / "summary.json").exists()
+    assert not (run.parent / ".running").exists()
+
+
+def test_ctrl_c_stops_the_workers_after_their_checkpoints_and_exits_130(tmp_path):
+  """Ctrl-C (SIGINT to the terminal's process group) during a `--workers=2` sweep: both workers'
+  runs stop with complete checkpoints (no half-written one), the workers exit, the tables are
+  written, exit code 130; the next invocation resumes both runs."""
+  proc, workdir, runs = _start_long_sweep(tmp_path)
+  try:
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
   finally:
@@ -313,12 +333,31 @@ def test_ctrl_c_stops_the_workers_after_their_checkpoints_and_exits_130(tmp_path
   for pid in re.findall(r"worker \d \(pid (\d+)\)", err):
     with pytest.raises(ProcessLookupError):
       os.kill(int(pid), 0)
-  for run in runs:
-    assert not list(run.glob("*tmp*")) and not (run.parent / "summary.json").exists()
+  _assert_stopped_cleanly(runs)
   assert "0 of 4 runs finished" in (workdir / "table.md").read_text()
   _, planned = sweep.plan(tiny_sweep(base=tiny_config(**{"checkpoint.every": 1, "rounds": 1000})),
                           str(workdir))
   assert [r.status for r in planned] == ["resume", "resume", "start", "start"]
+
+
+def test_workers_stop_after_their_checkpoints_when_the_sweep_process_is_killed(tmp_path):
+  """SIGKILL to the sweep's own process (not its workers): each worker gets a SIGINT from the
+  kernel (Linux's parent-death signal) and stops as for Ctrl-C, instead of training on for no
+  one."""
+  proc, _, runs = _start_long_sweep(tmp_path)
+  pids = [json.loads((run.parent / ".running").read_text())["pid"] for run in runs]
+  try:
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.time() + 60
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.time() < deadline:
+      time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids), "workers still running"
+  finally:
+    for pid in pids:
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+  _assert_stopped_cleanly(runs)
 
 
 def test_each_worker_gets_one_visible_gpu_or_a_share_of_one(monkeypatch):
