@@ -152,10 +152,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-  args = parse_args(argv)
-  row = run(args)
-  round_time.write_rows(row, args.out)
-  return row
+  return round_time.run_and_write(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -554,6 +554,17 @@ def format_tables(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def positive_ints(parser, text: str, flag: str) -> list[int]:
+  """The comma-separated positive integers of `--flag` (repeats allowed), or a usage error."""
+  try:
+    values = [int(v) for v in text.split(",") if v]
+  except ValueError:
+    values = []
+  if not values or min(values) < 1:
+    parser.error(f"--{flag} must be a comma-separated list of positive integers")
+  return values
+
+
 def add_preset_size_args(parser) -> None:
   """The flags `preset_config` reads besides `--preset` (shared by the benchmark scripts)."""
   for flag in ("clients", "train_per_client", "image_size", "local_epochs", "batch_size"):
@@ -565,6 +576,15 @@ def add_preset_size_args(parser) -> None:
                            "the torch round stays float32")
   parser.add_argument("--synthetic", action="store_true",
                       help="cpu preset: random images instead of the shared RFMiD file")
+
+
+def run_and_write(parse_args, run, argv=None):
+  """A benchmark script's `main`: parse `argv`, `run(args)`, write its rows to `--out`, return
+  them."""
+  args = parse_args(argv)
+  rows = run(args)
+  write_rows(rows, args.out)
+  return rows
 
 
 def write_rows(rows, path) -> None:

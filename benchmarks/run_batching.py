@@ -135,20 +135,14 @@ def parse_args(argv=None):
   round_time.add_preset_size_args(parser)  # --strategy: that of the separate runs
   parser.add_argument("--out", help="write the rows as a JSON list to this file")
   args = parser.parse_args(argv)
-  try:
-    args.runs = [int(r) for r in args.runs.split(",") if r]
-  except ValueError:
-    parser.error("--runs must be a comma-separated list of integers")
-  if not args.runs or min(args.runs) < 1 or args.rounds < 1:
-    parser.error("--runs needs positive integers and --rounds at least 1")
+  args.runs = round_time.positive_ints(parser, args.runs, "runs")
+  if args.rounds < 1:
+    parser.error("--rounds must be at least 1")
   return args
 
 
 def main(argv=None) -> list[dict]:
-  args = parse_args(argv)
-  rows = run(args)
-  round_time.write_rows(rows, args.out)
-  return rows
+  return round_time.run_and_write(parse_args, run, argv)
 
 
 if __name__ == "__main__":

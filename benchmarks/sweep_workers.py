@@ -133,22 +133,14 @@ def parse_args(argv=None):
   round_time.add_preset_size_args(parser)
   parser.add_argument("--out", help="write the rows as a JSON list to this file")
   args = parser.parse_args(argv)
-  try:
-    args.workers = [int(w) for w in args.workers.split(",") if w]
-  except ValueError:
-    parser.error("--workers must be a comma-separated list of integers")
-  if not args.workers or min(args.workers) < 1 or args.runs < 1 or args.rounds < 1:
-    parser.error("--workers, --runs and --rounds need positive integers")
-  if args.workers_per_gpu is not None and args.workers_per_gpu < 1:
-    parser.error("--workers_per_gpu must be at least 1")
+  args.workers = round_time.positive_ints(parser, args.workers, "workers")
+  if min(args.runs, args.rounds, args.workers_per_gpu or 1) < 1:
+    parser.error("--runs, --rounds and --workers_per_gpu must be at least 1")
   return args
 
 
 def main(argv=None) -> list[dict]:
-  args = parse_args(argv)
-  rows = run(args)
-  round_time.write_rows(rows, args.out)
-  return rows
+  return round_time.run_and_write(parse_args, run, argv)
 
 
 if __name__ == "__main__":
