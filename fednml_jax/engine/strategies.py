@@ -74,8 +74,7 @@ class RoundProgram:
                per_client_images: bool = False, shard_runs: bool = False):
     self.strategy, self.batched_runs = strategy, batched_runs
     self.per_client_images = per_client_images  # `images` has a leading client axis
-    # Batched runs split over the devices, each device training its runs in turn (`shard` only).
-    self.shard_runs = shard_runs
+    # `shard_runs`: batched runs split over the devices, each device training its runs in turn.
     if shard_runs and (strategy != "shard" or not batched_runs or per_client_images):
       raise ValueError("shard_runs needs the shard strategy, batched runs and shared images")
     self.traces = 0  # how many times a program was traced: must stay constant across rounds
@@ -140,8 +139,7 @@ class RoundProgram:
 
     self.train_and_aggregate = train_and_aggregate  # one run's round, unjitted
     if shard_runs:
-      self._round = AheadOfTime(counted(runs_each_device), out_shardings=NamedSharding(
-          client_mesh(), PartitionSpec("clients")))
+      self._round = AheadOfTime(counted(runs_each_device), out_shardings=runs_sharding())
       return
     if batched_runs:
       train_and_aggregate = jax.vmap(train_and_aggregate, in_axes=(0, None, 0, 0, 0))
@@ -217,9 +215,14 @@ def map_in_turn(fn, xs, length: int):
   return jax.tree.map(lambda *parts: jnp.stack(parts), *outputs)
 
 
+def runs_sharding() -> NamedSharding:
+  """A leading run axis split over the devices (`RoundProgram(shard_runs=True)`)."""
+  return NamedSharding(client_mesh(), PartitionSpec("clients"))
+
+
 def place_runs(tree):
-  """Arrays with a leading run axis, split over the devices (`RoundProgram(shard_runs=True)`)."""
-  return jax.device_put(tree, NamedSharding(client_mesh(), PartitionSpec("clients")))
+  """Arrays with a leading run axis, split over the devices."""
+  return jax.device_put(tree, runs_sharding())
 
 
 def place_clients(strategy: str, clients):
