@@ -102,14 +102,25 @@ class WorkdirInUse(UserError):
   """Another process is training the run in this workdir."""
 
 
+# A lock file that cannot be read is normally one being written this instant; one still unreadable
+# this many seconds after it was created was left by a process killed between creating and writing it.
+UNREADABLE_LOCK_SECONDS = 10.0
+
+
 def _process_alive(pid: int) -> bool:
+  """Whether `pid` names a process of this host that still runs (an exited process its parent has
+  not yet reaped, a zombie, does not)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
   except PermissionError:
     return True  # another user's process
-  return True
+  try:
+    with open(f"/proc/{pid}/stat") as f:  # "pid (command) state ...": Linux only
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except (OSError, IndexError):
+    return True
 
 
 @contextlib.contextmanager
@@ -117,8 +128,9 @@ def workdir_lock(workdir: str, shared_by_processes: bool = False):
   """Holds `workdir/.running` (host, pid, start time) while a run trains there, so that a second
   `run.py` or sweep started on the same folder is refused (`WorkdirInUse`) instead of writing the
   same checkpoints and logs. A lock left by a process of this host that no longer runs (killed) is
-  taken over; one from another host is not (it may still run): its message says to delete the
-  file once that run is known to be gone. `shared_by_processes`: a multi-host run, whose processes
+  taken over, and so is one still empty or unreadable `UNREADABLE_LOCK_SECONDS` after it was
+  created (its writer was killed between creating and writing it); one from another host is not
+  (it may still run): its message says to delete the file once that run is known to be gone. `shared_by_processes`: a multi-host run, whose processes
   all write to the workdir, takes no lock."""
   if shared_by_processes:
     yield
@@ -137,7 +149,19 @@ def workdir_lock(workdir: str, shared_by_processes: bool = False):
       except FileNotFoundError:
         continue  # released meanwhile
       except (OSError, ValueError):
-        holder = {}  # being written by the process that just took it
+        holder = None
+      if not isinstance(holder, dict):  # being written, or its writer was killed while writing
+        try:
+          age = time.time() - os.path.getmtime(path)
+        except FileNotFoundError:
+          continue
+        if age > UNREADABLE_LOCK_SECONDS:
+          logging.warning("%s: taking over an unreadable lock, %.0f s old, left by a process "
+                          "killed while writing it", workdir, age)
+          with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+          continue
+        holder = {}
       pid, host = holder.get("pid"), holder.get("host")
       if host == me["host"] and isinstance(pid, int) and (
           pid == me["pid"] or not _process_alive(pid)):

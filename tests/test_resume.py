@@ -84,10 +84,17 @@ def test_sigkill_during_training_then_resume(tmp_path):
   assert _rounds_in(workdir) == list(range(6))
 
 
+def _process_state(pid):
+  with open(f"/proc/{pid}/stat") as f:
+    return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def test_a_workdir_in_use_is_refused_and_a_dead_process_s_lock_taken_over(tmp_path):
   """`.running` names the process training a workdir: a live one (here: this test's parent
   process) or one on another host makes a second run refuse the folder before touching it; one of
-  this host that no longer runs is taken over; a finished or failed run leaves no lock behind."""
+  this host that no longer runs (exited but not yet reaped, or gone) is taken over, and so is an
+  empty lock once it is old enough that its writer must have been killed while writing it (the
+  sweep-worker test hit that window); a finished or failed run leaves no lock behind."""
   lock = tmp_path / ".running"
 
   def held_by(host, pid):
@@ -101,11 +108,23 @@ def test_a_workdir_in_use_is_refused_and_a_dead_process_s_lock_taken_over(tmp_pa
   with pytest.raises(WorkdirInUse, match=rf"process 4242 on host gpu-node-7 .* delete {lock}"):
     train.train_and_evaluate(tiny_config(rounds=1), str(tmp_path))
   assert sorted(p.name for p in tmp_path.iterdir()) == [".running"]  # nothing else was written
-  gone = subprocess.Popen(["true"])
-  gone.wait()  # exited and reaped: its pid names no process
-  held_by(platform.node(), gone.pid)
+  exited = subprocess.Popen(["true"])
+  while _process_state(exited.pid) != "Z":  # exited, not yet reaped: a zombie
+    time.sleep(0.01)
+  held_by(platform.node(), exited.pid)
   summary = train.train_and_evaluate(tiny_config(rounds=1), str(tmp_path))
   assert summary["rounds"] == 1 and not lock.exists()
+  exited.wait()  # reaped: its pid names no process
+  held_by(platform.node(), exited.pid)
+  train.train_and_evaluate(tiny_config(rounds=1), str(tmp_path))
+  assert not lock.exists()
+  lock.write_text("")  # created, and its writer killed before it wrote anything
+  with pytest.raises(WorkdirInUse, match="is in use: another process is training the run there"):
+    train.train_and_evaluate(tiny_config(rounds=1), str(tmp_path))  # it may be writing it now
+  minute_ago = time.time() - 60
+  os.utime(lock, (minute_ago, minute_ago))
+  train.train_and_evaluate(tiny_config(rounds=1), str(tmp_path))
+  assert not lock.exists()
   with pytest.raises(ConfigError):  # a failing run releases the folder too
     train.train_and_evaluate(tiny_config(rounds=1, **{"optim.lr": 0.5}), str(tmp_path))
   assert not lock.exists()
