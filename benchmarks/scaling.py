@@ -1,10 +1,10 @@
 r"""Round time as the number of clients grows, with a fixed number of samples per client.
 
   python benchmarks/scaling.py [--clients=4,8,16,32,64,128,256] [--per_client=32] \
-      [--strategy=auto] [--model=small_cnn] [--image_size=32] [--rounds=3] [--out=FILE.json]
+      [--strategy=auto] [--model=small_cnn] [--local_epochs=1] [--rounds=3] [--out=FILE.json]
 
-For each client count K: FedAvg on the embedded data with K IID clients of `--per_client` training
-images each (K·per_client images in all), one round to compile, then `--rounds` timed rounds
+For each client count K: FedAvg on the embedded data (32×32 grey digit mosaics) with K IID clients
+of `--per_client` training images each (K·per_client images in all), one round to compile, then `--rounds` timed rounds
 (block_until_ready). Cost that is linear in K shows as a constant `seconds_per_client`. A count
 whose round does not fit in device memory is reported as `out_of_memory` and ends the sweep (the
 first such K is where memory is full). Rows: {clients, strategy, backend, devices, model,

@@ -140,15 +140,52 @@ def test_full_run_tiny_writes_a_row(tmp_path):
   assert 0 <= parts["compile_estimate"] <= timed
 
 
+def _run_script(name, *args):
+  """benchmarks/NAME.py in a fresh process (the absl-flag scripts define flags of the same name);
+  returns its stdout."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  result = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args],
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def test_scaling_and_strategy_time_write_rows(tmp_path):
+  """The two scripts of `gpu_suite.sh scaling` and the strategy table, at a tiny size."""
+  out = tmp_path / "scaling.json"
+  _run_script("scaling", "--clients=2,4", "--per_client=8", "--rounds=1", f"--out={out}")
+  rows = json.loads(out.read_text())
+  assert [(r["clients"], r["status"], r["strategy"]) for r in rows] == [
+      (2, "ok", "loop"), (4, "ok", "loop")]
+  for row in rows:
+    assert row["images_per_round"] == row["clients"] * 8
+    assert row["seconds_per_client"] == pytest.approx(
+        row["seconds_per_round"] / row["clients"], rel=0.01, abs=1e-5)
+
+  config = tmp_path / "tiny.py"
+  config.write_text(
+      "from fednml_jax.config import base_config\n\n\n"
+      "def get_config():\n"
+      "  c = base_config()\n"
+      "  c.data.embedded_train, c.data.embedded_val, c.data.embedded_test = 32, 16, 16\n"
+      "  c.data.min_positives = 1\n"
+      "  c.fl.num_clients, c.fl.local_epochs, c.fl.batch_size = 2, 1, 16\n"
+      "  c.model.name = 'small_cnn'\n"
+      "  return c\n")
+  out = tmp_path / "strategies.json"
+  stdout = _run_script("strategy_time", f"--config={config}", "--rounds=1",
+                       "--strategies=loop,vmap", f"--out={out}")
+  rows = json.loads(out.read_text())
+  assert [r["strategy"] for r in rows] == ["loop", "vmap"]
+  assert all(r["seconds_per_round"] > 0 and r["compile_seconds"] > 0 for r in rows)
+  assert stdout.splitlines()[0].split()[0] == "strategy"
+
+
 def test_profile_round_lists_the_round_s_operations_with_their_sources():
   # A fresh process: the tool sets XLA's dump flags before JAX starts.
-  import subprocess  # pylint: disable=import-outside-toplevel
-  result = subprocess.run(
-      [sys.executable, str(REPO / "benchmarks" / "profile_round.py"), "--preset=cpu", "--synthetic",
-       "--clients=2", "--train_per_client=16", "--local_epochs=2", "--image_size=16", "--top=40"],
-      capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  lines = result.stdout.splitlines()
+  lines = _run_script("profile_round", "--preset=cpu", "--synthetic", "--clients=2",
+                      "--train_per_client=16", "--local_epochs=2", "--image_size=16",
+                      "--top=40").splitlines()
   assert lines[0].startswith("fedavg round 1 on synthetic") and "thread-s" in lines[0]
   table = "\n".join(lines[2:])
   assert "conv_general_dilated" in table and "SmallCNN" in table  # mapped to their JAX source
