@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import signal
+import sys
 import threading
 import time
 
@@ -225,6 +226,37 @@ def ctrl_c_deferred():
       previous(signal.SIGINT, received[0])  # Python's default handler raises KeyboardInterrupt
     elif received and previous == signal.SIG_DFL:
       signal.raise_signal(signal.SIGINT)  # the process ends as it would have
+
+
+@contextlib.contextmanager
+def ctrl_c_never_lost():
+  """Yields `raise_lost_ctrl_c`, which raises a KeyboardInterrupt that Python dropped inside the
+  block; the block's end raises it too. Python cannot raise an exception out of a garbage-collection
+  callback, a `__del__` or a weakref callback: it prints "Exception ignored in ..." and goes on.
+  JAX runs such a callback at every collection, so a Ctrl-C (SIGINT) landing in one was lost and
+  the run trained on (found on a loaded 2-core machine: a sweep worker told to stop by Ctrl-C or
+  by its parent's death ran to its end). Inside the block such an interrupt is recorded instead of
+  printed, for the caller to raise at its next safe point (a run: the next round's start)."""
+  lost = []
+  previous = sys.unraisablehook
+
+  def record_ctrl_c(unraisable):
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+      lost.append(unraisable.exc_type)
+    else:
+      previous(unraisable)
+
+  def raise_lost_ctrl_c():
+    if lost:
+      lost.clear()
+      raise KeyboardInterrupt
+
+  sys.unraisablehook = record_ctrl_c
+  try:
+    yield raise_lost_ctrl_c
+  finally:
+    sys.unraisablehook = previous
+  raise_lost_ctrl_c()
 
 
 class Checkpointer:

@@ -529,15 +529,18 @@ class NumericalError(UserError):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) one federated experiment; returns the summary also written to summary.json.
-  The workdir is locked while the run trains (`checkpointing.workdir_lock`)."""
+  The workdir is locked while the run trains (`checkpointing.workdir_lock`). Ctrl-C stops it
+  (KeyboardInterrupt) after the checkpoint write under way, also where Python would have dropped
+  the interrupt (`checkpointing.ctrl_c_never_lost`: then at the next round's start)."""
   start = time.time()
   config_lib.validate(config)
   prepare_workdir(workdir)
-  with checkpointing.workdir_lock(workdir, shared_by_processes=distributed.multi_process()):
-    return _train_and_evaluate(config, workdir, start)
+  with (checkpointing.workdir_lock(workdir, shared_by_processes=distributed.multi_process()),
+        checkpointing.ctrl_c_never_lost() as raise_lost_ctrl_c):
+    return _train_and_evaluate(config, workdir, start, raise_lost_ctrl_c)
 
 
-def _train_and_evaluate(config, workdir: str, start: float) -> dict:
+def _train_and_evaluate(config, workdir: str, start: float, raise_lost_ctrl_c) -> dict:
   resume_from = checkpointing.check_resume(config, workdir)
   experiment = Experiment(config)
   if config.plots and distributed.is_primary():
@@ -569,6 +572,7 @@ def _train_and_evaluate(config, workdir: str, start: float) -> dict:
   compiler = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile_ahead")
   try:
     for rnd in range(first_round, config.rounds):
+      raise_lost_ctrl_c()
       try:
         variables, method_state, records = experiment.run_round(rnd, variables, method_state)
       except NumericalError as err:
