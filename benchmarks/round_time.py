@@ -514,7 +514,8 @@ def run_preset(args) -> list[dict]:
 
 # Output ----------------------------------------------------------------------------------------------
 def _fmt(value, spec):
-  return format(value, spec) if value is not None else "n/a"
+  """`value` formatted by `spec` ("9.1f", "8.2%"), or "n/a" in the same width."""
+  return format(value, spec) if value is not None else format("n/a", f">{spec.split('.')[0]}")
 
 
 def paired_ratios(torch_row: dict, jax_row: dict) -> list[float]:

@@ -1,0 +1,32 @@
+"""XLA settings the package makes before JAX starts a backend (`import fednml_jax` applies them).
+
+XLA:CPU hands convolutions to YNNPACK by default. On the project's 2-core Intel Xeon machine
+(AVX-512; JAX 0.10.2) YNNPACK ran the weight gradients of SmallCNN's convolutions at 37-50 GFLOP/s
+against a 310 GFLOP/s matrix-multiply rate, and XLA's own convolutions made a FedAvg round of the
+CPU preset 35% shorter (2.4-2.6 s against 3.7-4.0 s; docs/performance.md, "YNNPACK convolutions").
+So convolutions are taken out of YNNPACK's share (`-individual_convolution`); its other fusions
+stay. GPUs and TPUs ignore the flag.
+
+The flag is added to `XLA_FLAGS` only when that variable does not already set
+`xla_cpu_experimental_ynn_fusion_type`: a user's own choice stays (for instance
+`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+individual_convolution` brings YNNPACK's
+convolutions back, to compare on another CPU). It takes effect only if no JAX backend has started
+before `fednml_jax` is imported (JAX reads `XLA_FLAGS` once, when it starts its first backend):
+the command-line entry points import it first.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import MutableMapping
+
+YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+CPU_CONVOLUTIONS_OUT_OF_YNNPACK = f"{YNN_FUSION_FLAG}=-individual_convolution"
+
+
+def prefer_xla_cpu_convolutions(environ: MutableMapping[str, str] = os.environ) -> None:
+  """Adds `CPU_CONVOLUTIONS_OUT_OF_YNNPACK` to `environ["XLA_FLAGS"]` unless it sets YNNPACK's
+  fusion types already."""
+  flags = environ.get("XLA_FLAGS", "")
+  if YNN_FUSION_FLAG not in flags:
+    environ["XLA_FLAGS"] = f"{flags} {CPU_CONVOLUTIONS_OUT_OF_YNNPACK}".strip()
