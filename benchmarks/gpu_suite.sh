@@ -11,6 +11,7 @@
 #     --implementation cp --platform manylinux2014_x86_64 -d .whl ml-collections==1.1.0
 #   mkdir -p .data && cp ../shared/data/rfmid_dev_64px.npz .data/
 # On the device (run's command; carry [".whl", ".data"]):
+#   bash benchmarks/gpu_suite.sh goals   # both GPU goals in one call, for a 15-minute budget (~9 min)
 #   bash benchmarks/gpu_suite.sh paper   # round time vs torch at the paper configuration (~5 min)
 #   bash benchmarks/gpu_suite.sh long    # whole 100-round FedNML runs, float32 and bfloat16 (~6 min)
 #   bash benchmarks/gpu_suite.sh warm    # two bfloat16 runs sharing a compilation cache (~5 min)
@@ -19,11 +20,10 @@
 #   bash benchmarks/gpu_suite.sh scaling # clients 4 -> 256, loop and vmap
 #   bash benchmarks/gpu_suite.sh workers # a sweep's runs in 1, 2, 4 worker processes on the GPU
 #   bash benchmarks/gpu_suite.sh sweep   # the 81-run RFMiD grid of configs/sweeps/rfmid_cpu.py
-# Several steps may go in one call (`bash benchmarks/gpu_suite.sh warm profile`, about 8 minutes)
-# while their sum stays under the call's 10 minutes and $OUT under 8 files. The machine stays warm
-# for 30 s between calls, so make them back to back; a session has 30 minutes of device time and
-# a fresh machine takes a minute or two to start. `long` (does the whole run meet the goal now that
-# later phases compile in the background?), then `paper`, matter most.
+# Several steps may go in one call while their sum stays under the call's 10 minutes and $OUT
+# under 8 files. Since 2026-12 a session has 15 minutes of device time in all, a machine's start
+# (a minute or two) included: that is one full call, so run `goals` first, with the call's
+# timeout_s at 600, and anything else only with the time left after it (`status` says).
 # Results land in $OUT (the tool brings them back); docs/performance.md says what each reports.
 set -uo pipefail  # no -e: a step cut short by its timeout still lets the next one run
 cd "$(dirname "$0")/.." || exit 1
@@ -33,13 +33,29 @@ export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 FEDNML_NO_PROGRESS=1
 OUT="${OUT:-/tmp/gpu_suite_out}"
 mkdir -p "$OUT"
 
+machine() {  # the GPU and the versions that ran, for docs/performance.md
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -m pip list 2>/dev/null | grep -iE "^(jax|jaxlib|flax|optax|torch) "
+}
+
 [ $# -gt 0 ] || set -- usage
 for step in "$@"; do
 case "$step" in
+  goals)  # the two goals, most telling first, each under its own limit (sum 560 s):
+    # a whole bfloat16 FedNML run (2-minute goal; 162 s before compiling ahead), FedNML's rounds
+    # against the torch reference design in float32 (10x goal), the same JAX rounds in bfloat16
+    machine | tee "$OUT/gpu.txt"
+    timeout 200 python3 benchmarks/full_run.py --preset=paper --method=fednml --rounds=100 \
+      --model_dtype=bfloat16 --out="$OUT/full_run_paper_bfloat16.json" 2>&1 \
+      | tee "$OUT/full_run_paper_bfloat16.log"
+    timeout 240 python3 benchmarks/round_time.py --preset=paper --rounds=2 --methods=fednml \
+      --out="$OUT/round_time_paper_fednml.json" 2>&1 | tee "$OUT/round_time_paper_fednml.log"
+    timeout 120 python3 benchmarks/round_time.py --preset=paper --rounds=2 --methods=fednml \
+      --impls=jax --model_dtype=bfloat16 --out="$OUT/round_time_paper_fednml_bf16.json" 2>&1 \
+      | tee "$OUT/round_time_paper_fednml_bf16.log"
+    ;;
   paper)
-    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-      python3 -m pip list 2>/dev/null | grep -iE "^(jax|jaxlib|flax|optax|torch) "; } \
-      | tee "$OUT/gpu.txt"
+    machine | tee "$OUT/gpu.txt"
     for method in fedavg fednml; do
       timeout 280 python3 benchmarks/round_time.py --preset=paper --rounds=3 --methods="$method" \
         --out="$OUT/round_time_paper_$method.json" 2>&1 | tee "$OUT/round_time_paper_$method.log"
@@ -94,8 +110,8 @@ case "$step" in
       runs/sweep_rfmid_gpu
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_suite.sh STEP [STEP ...]; steps: paper long warm profile" \
-      "small scaling workers sweep" >&2
+    echo "usage: bash benchmarks/gpu_suite.sh STEP [STEP ...]; steps: goals paper long warm" \
+      "profile small scaling workers sweep" >&2
     exit 2
     ;;
 esac
