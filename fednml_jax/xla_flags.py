@@ -1,9 +1,10 @@
 """XLA settings the package makes before JAX starts a backend (`import fednml_jax` applies them).
 
 XLA:CPU hands convolutions to YNNPACK by default. On the project's 2-core Intel Xeon machine
-(AVX-512; JAX 0.10.2) YNNPACK ran the weight gradients of SmallCNN's convolutions at 37-50 GFLOP/s
+(AVX-512; JAX 0.10.2) YNNPACK ran the weight gradients of SmallCNN's convolutions at 37-52 GFLOP/s
 against a 310 GFLOP/s matrix-multiply rate, and XLA's own convolutions made a FedAvg round of the
-CPU preset 35% shorter (2.4-2.6 s against 3.7-4.0 s; docs/performance.md, "YNNPACK convolutions").
+CPU preset a third shorter (2.6 s against 3.9 s; docs/performance.md, "XLA's own convolutions
+instead of YNNPACK's on CPU").
 So convolutions are taken out of YNNPACK's share (`-individual_convolution`); its other fusions
 stay. GPUs and TPUs ignore the flag.
 

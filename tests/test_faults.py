@@ -195,6 +195,7 @@ def test_a_run_stops_after_a_ctrl_c_python_dropped_and_resumes(tmp_path, monkeyp
   monkeypatch.setattr(train.Experiment, "run_round", run_round_interrupted_in_gc)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(tiny_config(rounds=4, **{"checkpoint.every": 1}), str(tmp_path))
+  assert not list((tmp_path / "checkpoints").glob("*tmp*"))  # the last save was waited for
   assert checkpointing.Checkpointer(str(tmp_path), 1, 3).latest_round() == 2  # round 1 finished
   assert not (tmp_path / "summary.json").exists() and not (tmp_path / ".running").exists()
   monkeypatch.setattr(train.Experiment, "run_round", real_run_round)
