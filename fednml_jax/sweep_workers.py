@@ -22,6 +22,7 @@ dies (killed), each worker gets a SIGINT (Linux's parent-death signal) and stops
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -91,7 +92,9 @@ def serve(conn, compile_cache: str | None, cache_workdir: str) -> None:
   except KeyboardInterrupt:
     # Ctrl-C: the run has waited for its checkpoint write on the way out. Exit now rather than
     # wait for a program compiling ahead in the background (the interpreter would join it).
-    sys.stderr.flush()
+    with contextlib.suppress(OSError):
+      print(f"sweep worker (pid {os.getpid()}) interrupted: its run stopped after its checkpoint "
+            "writes", file=sys.stderr, flush=True)
     os._exit(130)
   except (EOFError, BrokenPipeError):
     return  # the parent went away

@@ -310,11 +310,12 @@ def _start_long_sweep(tmp_path):
   return proc, workdir, runs
 
 
-def _assert_stopped_cleanly(runs):
-  """The runs stopped between checkpoints: no half-written checkpoint, no lock, no summary."""
+def _assert_stopped_cleanly(runs, err):
+  """The runs stopped between checkpoints: no half-written checkpoint, no lock, no summary. `err`:
+  the sweep's stderr (its workers' too), shown when not."""
   for run in runs:
-    assert not list(run.glob("*tmp*")) and not (run.parent / "summary.json").exists()
-    assert not (run.parent / ".running").exists()
+    assert not list(run.glob("*tmp*")), (sorted(p.name for p in run.iterdir()), err[-4000:])
+    assert not (run.parent / "summary.json").exists() and not (run.parent / ".running").exists()
 
 
 def test_ctrl_c_stops_the_workers_after_their_checkpoints_and_exits_130(tmp_path):
@@ -333,7 +334,7 @@ def test_ctrl_c_stops_the_workers_after_their_checkpoints_and_exits_130(tmp_path
   for pid in re.findall(r"worker \d \(pid (\d+)\)", err):
     with pytest.raises(ProcessLookupError):
       os.kill(int(pid), 0)
-  _assert_stopped_cleanly(runs)
+  _assert_stopped_cleanly(runs, err)
   assert "0 of 4 runs finished" in (workdir / "table.md").read_text()
   _, planned = sweep.plan(tiny_sweep(base=tiny_config(**{"checkpoint.every": 1, "rounds": 1000})),
                           str(workdir))
@@ -348,7 +349,7 @@ def test_workers_stop_after_their_checkpoints_when_the_sweep_process_is_killed(t
   pids = [json.loads((run.parent / ".running").read_text())["pid"] for run in runs]
   try:
     proc.kill()
-    proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     deadline = time.time() + 60
     while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.time() < deadline:
       time.sleep(0.2)
@@ -357,7 +358,7 @@ def test_workers_stop_after_their_checkpoints_when_the_sweep_process_is_killed(t
     for pid in pids:
       with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-  _assert_stopped_cleanly(runs)
+  _assert_stopped_cleanly(runs, err)
 
 
 def test_each_worker_gets_one_visible_gpu_or_a_share_of_one(monkeypatch):
