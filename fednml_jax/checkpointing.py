@@ -242,7 +242,7 @@ def ctrl_c_never_lost():
 
   def record_ctrl_c(unraisable):
     if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
-      lost.append(unraisable.exc_type)
+      lost.append(True)
     else:
       previous(unraisable)
 

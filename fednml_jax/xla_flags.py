@@ -19,7 +19,7 @@ the command-line entry points import it first.
 from __future__ import annotations
 
 import os
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 CPU_CONVOLUTIONS_OUT_OF_YNNPACK = f"{YNN_FUSION_FLAG}=-individual_convolution"

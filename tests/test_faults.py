@@ -139,18 +139,18 @@ def test_ctrl_c_inside_a_checkpoint_call_is_raised_once_the_call_returns():
     signal.signal(signal.SIGINT, previous)
 
 
-def _ctrl_c_inside_a_gc_callback():
-  """A Ctrl-C that lands while Python runs a garbage-collection callback (JAX registers one), as
-  it does at random under load: Python cannot raise it there and prints it as ignored."""
-  def interrupted(phase, info):
+def _raised_inside_a_gc_callback(error=KeyboardInterrupt):
+  """`error` raised while Python runs a garbage-collection callback (JAX registers one), as a
+  Ctrl-C does at random under load: Python cannot raise it there and reports it as ignored."""
+  def failing(phase, info):
     if phase == "start":
-      raise KeyboardInterrupt
+      raise error
 
-  gc.callbacks.append(interrupted)
+  gc.callbacks.append(failing)
   try:
     gc.collect()
   finally:
-    gc.callbacks.remove(interrupted)
+    gc.callbacks.remove(failing)
 
 
 def test_a_ctrl_c_python_drops_is_raised_at_the_next_safe_point(capsys):
@@ -160,21 +160,17 @@ def test_a_ctrl_c_python_drops_is_raised_at_the_next_safe_point(capsys):
   try:
     with pytest.raises(KeyboardInterrupt):
       with checkpointing.ctrl_c_never_lost() as raise_lost_ctrl_c:
-        _ctrl_c_inside_a_gc_callback()  # returns: Python dropped the interrupt
+        _raised_inside_a_gc_callback()  # returns: Python dropped the interrupt
         raise_lost_ctrl_c()
     with pytest.raises(KeyboardInterrupt):  # not raised inside: the block's end raises it
       with checkpointing.ctrl_c_never_lost():
-        _ctrl_c_inside_a_gc_callback()
+        _raised_inside_a_gc_callback()
     with checkpointing.ctrl_c_never_lost() as raise_lost_ctrl_c:
-      gc.callbacks.append(lambda phase, info: phase == "start" and 1 / 0)  # other errors: as usual
-      try:
-        gc.collect()
-      finally:
-        gc.callbacks.pop()
+      _raised_inside_a_gc_callback(ZeroDivisionError)  # other errors reach the usual hook
       raise_lost_ctrl_c()
     assert [r.exc_type for r in reported] == [ZeroDivisionError]
     assert sys.unraisablehook == reported.append  # restored
-    _ctrl_c_inside_a_gc_callback()  # outside the block, Python's own behaviour: reported, lost
+    _raised_inside_a_gc_callback()  # outside the block, Python's own behaviour: reported, lost
     assert reported[-1].exc_type is KeyboardInterrupt
   finally:
     sys.unraisablehook = previous
@@ -189,7 +185,7 @@ def test_a_run_stops_after_a_ctrl_c_python_dropped_and_resumes(tmp_path, monkeyp
   def run_round_interrupted_in_gc(self, rnd, *args):
     result = real_run_round(self, rnd, *args)
     if rnd == 1:
-      _ctrl_c_inside_a_gc_callback()
+      _raised_inside_a_gc_callback()
     return result
 
   monkeypatch.setattr(train.Experiment, "run_round", run_round_interrupted_in_gc)
